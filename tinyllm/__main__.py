@@ -1,0 +1,3 @@
+from tinyllm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,314 @@
+"""The autograd engine: `Tensor`, `Function` and reverse-mode backward.
+
+A `Tensor` wraps one array (NumPy or CuPy). Every operation on tensors is a `Function` whose
+`forward` computes the result from raw arrays and whose `backward` maps the gradient of the result
+to the gradients of the inputs (a vector-Jacobian product). Calling a Function records it as the
+`_ctx` (creator) of its output, so the outputs point back to the inputs and form a graph:
+
+    x --Exp--> y --Sum--> loss          loss.backward() walks it from right to left.
+
+Memory rules (they are what keep long training runs flat):
+- a Function keeps only what its backward needs, and `backward` releases it (retain_graph=False);
+- tensors point to their creator, creators point to their inputs, nothing points forward, so the
+  graph has no reference cycles and is freed by reference counting as soon as the loss goes away;
+- gradients of intermediate tensors are dropped once used, unless `retain_grad()` asked to keep them.
+"""
+import contextlib
+
+import numpy
+
+from tinyllm import backend
+
+# ---------------------------------------------------------------------------------------------
+# Grad mode
+
+
+_grad_enabled = True
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+class no_grad(contextlib.ContextDecorator):
+    """`with tl.no_grad():` (or `@tl.no_grad()`): operations record no graph."""
+
+    def __enter__(self):
+        global _grad_enabled
+        self._previous = _grad_enabled
+        _grad_enabled = False
+
+    def __exit__(self, *exc):
+        global _grad_enabled
+        _grad_enabled = self._previous
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Function: one differentiable operation
+
+OPS = {}  # name -> Function subclass; `tinyllm gradcheck` and the tests walk this registry
+
+
+class Function:
+    """Base class of every op. Subclasses define, side by side:
+
+        forward(self, *arrays) -> array      # raw arrays in, raw array out; save what backward needs on self
+        backward(self, gy) -> grad or tuple  # one gradient (or None) per input, each shaped like that input
+
+    Constant settings (an axis, an eps, integer ids) go to `__init__`. `backward` must not modify
+    `gy` in place: the same array may be handed to several inputs. `self.needs_input_grad[i]` says
+    whether input i wants a gradient, so a backward can skip work nobody asked for.
+    Every subclass is registered in `OPS` by its class name; pass `register=False` for helpers.
+    """
+
+    def __init_subclass__(cls, register=True, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if register:
+            OPS[cls.__name__] = cls
+
+    def __call__(self, *inputs):
+        tensors = _as_tensors(inputs)
+        try:
+            y = self.forward(*[t.data for t in tensors])
+        except ValueError as e:  # shape problems: say which op and which shapes
+            shapes = ", ".join(str(t.shape) for t in tensors)
+            raise ValueError(f"{type(self).__name__} with input shapes {shapes}: {e}") from e
+        needs_grad = _grad_enabled and any(t.requires_grad for t in tensors)
+        out = Tensor(y, requires_grad=needs_grad)
+        if needs_grad:
+            self.inputs = tensors
+            self.needs_input_grad = tuple(t.requires_grad for t in tensors)
+            out._ctx = self
+        return out
+
+    def forward(self, *xs):
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def backward(self, gy):
+        raise NotImplementedError(f"{type(self).__name__}.backward")
+
+    def release(self):
+        """Drop inputs and saved arrays once backward has used them."""
+        self.__dict__.clear()
+        self.inputs = None
+
+    @property
+    def name(self):
+        return type(self).__name__
+
+
+def _as_tensors(inputs):
+    """Tensors pass through; Python numbers and arrays become constants.
+
+    A Python number takes the dtype of the tensor it meets, so `x * 2.0` stays float32
+    (an int tensor times a float gives float32, as in PyTorch).
+    """
+    like = next((x for x in inputs if isinstance(x, Tensor)), None)
+    if like is None:
+        raise TypeError("an op needs at least one Tensor input")
+    out = []
+    for x in inputs:
+        if isinstance(x, Tensor):
+            if x is not like and type(x.data) is not type(like.data):
+                raise RuntimeError(
+                    f"tensors on different devices ({like.device} and {x.device}); "
+                    "move one with .to(device) first: tinyllm never copies between host and GPU silently")
+            out.append(x)
+            continue
+        xp = backend.get_array_module(like.data)
+        if isinstance(x, (bool, int, float)):
+            dtype = like.dtype
+            if isinstance(x, float) and dtype.kind in "biu":
+                dtype = numpy.float32
+            out.append(Tensor(xp.asarray(x, dtype=dtype)))
+        elif isinstance(x, (numpy.ndarray, numpy.generic)) or backend.get_array_module(x) is not numpy:
+            if type(x) is not type(like.data) and not isinstance(x, numpy.generic):
+                raise RuntimeError(
+                    f"an array on {backend.device_of(x)} met a tensor on {like.device}; "
+                    "move it first: tinyllm never copies between host and GPU silently")
+            out.append(Tensor(xp.asarray(x)))
+        else:
+            raise TypeError(f"cannot use {type(x).__name__} as an op input; wrap it with tl.tensor(...)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor
+
+
+class Tensor:
+    """An array plus what autograd needs: `grad`, `requires_grad` and the Function that made it."""
+
+    __array_ufunc__ = None  # make `ndarray + Tensor` call Tensor.__radd__ instead of NumPy's loop
+    __hash__ = object.__hash__  # tensors are hashable by identity, though `==` is elementwise
+
+    def __init__(self, data, requires_grad=False):
+        if requires_grad and data.dtype.kind not in "fc":
+            raise TypeError(f"only floating-point tensors can require grad, got dtype {data.dtype}")
+        self.data = data
+        self.grad = None
+        self.requires_grad = requires_grad
+        self._ctx = None      # the Function that produced this tensor (None for a leaf)
+        self._retain = False  # keep .grad even though this is not a leaf
+
+    # --- what the tensor is -------------------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+    device = property(lambda self: backend.device_of(self.data))
+    is_leaf = property(lambda self: self._ctx is None)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        dev = ", device='cuda'" if self.device == "cuda" else ""
+        body = numpy.array2string(backend.to_numpy(self.data), separator=", ", prefix="tensor(")
+        return f"tensor({body}, dtype={self.dtype}{dev}{grad})"
+
+    def __bool__(self):
+        return bool(self.data)
+
+    # --- conversions --------------------------------------------------------------------------
+    def numpy(self):
+        """A host NumPy copy of the data (never part of the graph)."""
+        return backend.to_numpy(self.data).copy()
+
+    def item(self):
+        return self.data.item()
+
+    def tolist(self):
+        return self.data.tolist()
+
+    def detach(self):
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    def to(self, device):
+        """This tensor on `device` ("cpu" or "cuda"): the explicit copy, differentiable."""
+        if backend.check_device(device) == self.device:
+            return self
+        from tinyllm.ops import ToDevice
+        return ToDevice(device)(self)
+
+    def astype(self, dtype):
+        from tinyllm.ops import Cast
+        dtype = backend.as_dtype(dtype)
+        return self if dtype == self.dtype else Cast(dtype)(self)
+
+    def retain_grad(self):
+        """Keep this non-leaf tensor's gradient in .grad after backward (leaves always keep it)."""
+        self._retain = True
+        return self
+
+    # --- backward -----------------------------------------------------------------------------
+    def backward(self, grad=None, retain_graph=False):
+        """Accumulate d(self)/d(leaf) · grad into every leaf's .grad (grad defaults to 1 for a scalar)."""
+        backward(self, grad, retain_graph)
+
+
+def backward(root, grad=None, retain_graph=False):
+    """Reverse-mode autodiff from `root`: the engine in one loop."""
+    if not root.requires_grad:
+        raise RuntimeError("backward() on a tensor that does not require grad: no input with "
+                           "requires_grad=True went into it (or it was made under no_grad())")
+    xp = backend.get_array_module(root.data)
+    if grad is None:
+        if root.size != 1:
+            raise RuntimeError(f"backward() without a gradient needs a scalar, but this tensor has shape "
+                               f"{root.shape}; reduce it first (e.g. .sum()) or pass grad= of that shape")
+        grad = xp.ones_like(root.data)
+    else:
+        grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=root.dtype)
+        if grad.shape != root.shape:
+            raise ValueError(f"backward(grad=...) got shape {grad.shape}, expected {root.shape}")
+
+    grads = {id(root): grad}  # gradients waiting to be pushed further, keyed by tensor id
+    for t in _topological_order(root):
+        g = grads.pop(id(t), None)
+        if g is None:  # nothing flowed into t (e.g. only a non-differentiable path)
+            continue
+        if t._ctx is None or t._retain:  # a leaf, or a tensor whose grad the user asked to keep
+            _accumulate(t, g)
+        fn = t._ctx
+        if fn is None:
+            continue
+        if fn.inputs is None:
+            raise RuntimeError("backward through a graph a second time: its saved arrays were freed by "
+                               "the first backward; pass retain_graph=True to the first call")
+        gxs = fn.backward(g)
+        if not isinstance(gxs, tuple):
+            gxs = (gxs,)
+        for x, gx in zip(fn.inputs, gxs):
+            if gx is None or not x.requires_grad:
+                continue
+            if gx.shape != x.shape:
+                raise RuntimeError(f"{fn.name}.backward returned a gradient of shape {gx.shape} "
+                                   f"for an input of shape {x.shape}")
+            # a new array rather than +=: gx may be the very array another input also received
+            grads[id(x)] = grads[id(x)] + gx if id(x) in grads else gx
+        if not retain_graph:
+            fn.release()
+
+
+def _accumulate(t, g):
+    """t.grad += g, but the first gradient is copied so no two tensors ever share a .grad array."""
+    if t.grad is None:
+        t.grad = g.astype(t.dtype, copy=True)
+    else:
+        t.grad += g
+
+
+def _topological_order(root):
+    """Tensors reachable from root, each after every tensor that uses it (iterative DFS, no recursion)."""
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        t, children_done = stack.pop()
+        if children_done:
+            order.append(t)
+            continue
+        if id(t) in visited:
+            continue
+        visited.add(id(t))
+        stack.append((t, True))
+        if t._ctx is not None and t._ctx.inputs is not None:
+            for x in t._ctx.inputs:
+                if x.requires_grad and id(x) not in visited:
+                    stack.append((x, False))
+    order.reverse()  # post-order reversed: root first, leaves last
+    return order
+
+
+# ---------------------------------------------------------------------------------------------
+# Creating tensors
+
+
+def tensor(data, requires_grad=False, dtype=None, device=None):
+    """Make a tensor from a list, a number or an array (as torch.tensor: the data is copied).
+
+    dtype=None: Python floats give float32, Python ints int64, arrays keep their dtype.
+    """
+    if isinstance(data, Tensor):
+        data = data.data
+    if isinstance(data, (list, tuple, int, float, bool)):
+        data = numpy.array(data)
+        if dtype is None and data.dtype.kind == "f":
+            dtype = numpy.float32
+    data = backend.to_device(data, device if device is not None else backend.device_of(data))
+    xp = backend.get_array_module(data)
+    array = xp.array(data, dtype=None if dtype is None else backend.as_dtype(dtype), copy=True)
+    return Tensor(array, requires_grad=requires_grad)
+
+
+def manual_seed(seed):
+    """Seed parameter initialisation and dropout (host and, when present, GPU generators)."""
+    from tinyllm import rng
+    rng.manual_seed(seed)
+
+
+# Operators and methods are defined in ops.py, next to the Functions they call.
+from tinyllm import ops  # noqa: E402,F401  (attaches Tensor.__add__, .sum, ...)
