@@ -142,6 +142,7 @@ class Tensor:
 
     __array_ufunc__ = None  # make `ndarray + Tensor` call Tensor.__radd__ instead of NumPy's loop
     __hash__ = object.__hash__  # tensors are hashable by identity, though `==` is elementwise
+    name = None  # an optional label for printing and to_dot
 
     def __init__(self, data, requires_grad=False):
         if requires_grad and data.dtype.kind not in "fc":

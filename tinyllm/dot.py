@@ -20,7 +20,8 @@ def to_dot(root: Tensor, name="tinyllm") -> str:
         kind = "leaf" if t.is_leaf else "tensor"
         grad = ", grad" if t.requires_grad else ""
         color = ', style=filled, fillcolor="#dde8ff"' if t is root else ""
-        lines.append(f'  t{id(t)} [shape=box, label="{kind} {tuple(t.shape)} {t.dtype}{grad}"{color}];')
+        label = f"{t.name}: " if t.name else ""
+        lines.append(f'  t{id(t)} [shape=box, label="{label}{kind} {tuple(t.shape)} {t.dtype}{grad}"{color}];')
         fn = t._ctx
         if fn is None:
             continue
