@@ -1,0 +1,531 @@
+"""The layers of a GPT as fused ops: `import tinyllm.nn.functional as F`.
+
+Each heavy layer is ONE `Function` whose forward and hand-derived backward sit side by side.
+Composing a layer from primitive ops (tinyllm/ops.py) would give the same numbers (the tests
+check exactly that, against tinyllm/nn/reference.py), but would record a dozen nodes and keep a
+dozen temporaries alive; a fused op keeps only what its backward needs.
+
+Notation, as in tinyllm/ops.py: y is the op's output, gy = dL/dy the upstream gradient, gx = dL/dx
+what backward returns. Shapes: N rows (every leading axis flattened), C features, V vocabulary,
+B batch, H query heads, Hkv key/value heads, T queries, S keys, D head size. The full derivations
+are in docs/layers.md, under the same names as the code.
+
+Performance notes (all of them keep the code readable):
+- float32 stays float32: constants are Python floats, which take the array's dtype;
+- arrays the op created itself are updated in place (`y *= ...`), the inputs never are;
+- matrix products are 2-D GEMMs (linear) or plain batched matmuls (attention).
+"""
+import math
+
+import numpy
+
+from tinyllm import backend, rng
+from tinyllm.autograd import Function, Tensor
+from tinyllm.backend import get_array_module
+
+__all__ = ["linear", "embedding", "layer_norm", "rms_norm", "gelu", "silu", "softmax", "log_softmax",
+           "cross_entropy", "dropout", "scaled_dot_product_attention"]
+
+
+def _rows(g):
+    """Sum over every axis but the last: (..., C) -> (C,). The gradient of a per-feature parameter."""
+    return g.reshape(-1, g.shape[-1]).sum(axis=0)
+
+
+def _raw_int_array(a, like, what):
+    """ids/targets given as an int Tensor, an array or a list -> a raw integer array next to `like`."""
+    if isinstance(a, Tensor):
+        a = a.data
+    xp = get_array_module(like)
+    if isinstance(a, (list, tuple, int)):
+        a = xp.asarray(a)
+    if not hasattr(a, "dtype"):
+        raise TypeError(f"{what} must be an integer array or Tensor, got {type(a).__name__}")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{what} must hold integers, got dtype {a.dtype}; convert them with .astype('int64')")
+    if backend.device_of(a) != backend.device_of(like):
+        raise RuntimeError(f"{what} are on {backend.device_of(a)} but the tensor is on {backend.device_of(like)}; "
+                           "move them first: tinyllm never copies between host and GPU silently")
+    return a
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear: y = x Wᵀ + b
+
+
+class Linear(Function):
+    """x (..., in), W (out, in), b (out,) -> y (..., out), as ONE 2-D matrix product."""
+
+    def forward(self, x, w, b=None):
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(f"linear: x has {x.shape[-1]} features but weight {w.shape} expects {w.shape[1]}")
+        self.x_shape = x.shape
+        self.x2 = x.reshape(-1, x.shape[-1])      # (N, in): every leading axis is one more row
+        self.w = w                                # (out, in)
+        y2 = self.x2 @ w.T                        # (N, out)
+        if b is not None:
+            y2 += b                               # (out,) broadcast over rows
+        return y2.reshape(x.shape[:-1] + (w.shape[0],))
+
+    # y2 = x2 Wᵀ + b, row by row: y[n, o] = Σ_i x[n, i] W[o, i] + b[o]. So
+    #   gx[n, i] = Σ_o gy[n, o] W[o, i]        -> gx2 = gy2 W          (N, in)
+    #   gW[o, i] = Σ_n gy[n, o] x[n, i]        -> gW  = gy2ᵀ x2        (out, in)
+    #   gb[o]    = Σ_n gy[n, o]                -> gb  = gy2 summed over rows
+    def backward(self, gy):
+        gy2 = gy.reshape(-1, gy.shape[-1])        # (N, out)
+        gx = (gy2 @ self.w).reshape(self.x_shape) if self.needs_input_grad[0] else None
+        gw = gy2.T @ self.x2 if self.needs_input_grad[1] else None
+        if len(self.needs_input_grad) == 2:
+            return gx, gw
+        gb = gy2.sum(axis=0) if self.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(x, weight, bias=None):
+    """y = x @ weight.T + bias, weight (out, in) as in PyTorch; x (..., in) -> (..., out)."""
+    return Linear()(x, weight) if bias is None else Linear()(x, weight, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding: y = W[ids]
+
+
+class Embedding(Function):
+    """Row lookup: ids (any shape) into a table W (num, dim) -> y (*ids.shape, dim)."""
+
+    def __init__(self, ids):
+        self.ids = ids                            # integer array, not differentiable
+
+    def forward(self, w):
+        self.w_shape = w.shape
+        return get_array_module(w).take(w, self.ids, axis=0)   # (*ids.shape, dim)
+
+    # y[p] = W[ids[p]] for every position p, so W's row r receives the gradient of every position
+    # that read it:  gW[r] = Σ_{p: ids[p] = r} gy[p]   (a scatter-add: repeated ids add up).
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        gw = xp.zeros(self.w_shape, dtype=gy.dtype)          # (num, dim)
+        backend.scatter_add(gw, self.ids.reshape(-1), gy.reshape(-1, self.w_shape[1]))
+        return gw
+
+
+def embedding(ids, weight):
+    """weight[ids]: ids an int array or int Tensor of any shape, weight (num_embeddings, dim)."""
+    ids = _raw_int_array(ids, weight.data, "embedding ids")
+    num = weight.shape[0]
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise IndexError(f"embedding: id {bad} is out of range for a table of {num} rows (ids must be in [0, {num}))")
+    return Embedding(ids)(weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm and RMSNorm over the last axis
+
+
+class LayerNorm(Function):
+    """y = (x - mean) * rstd * w + b over the last axis; rstd = 1 / sqrt(var + eps), biased var."""
+
+    def __init__(self, eps=1e-5, has_weight=True, has_bias=True):
+        self.eps, self.has_weight, self.has_bias = eps, has_weight, has_bias
+
+    def forward(self, x, *params):
+        w = params[0] if self.has_weight else None
+        b = params[-1] if self.has_bias else None
+        xp = get_array_module(x)
+        mean = x.mean(axis=-1, keepdims=True)                # (..., 1)
+        y = x - mean                                         # (..., C) centred x, an array we own
+        var = (y * y).mean(axis=-1, keepdims=True)           # (..., 1) biased variance
+        rstd = 1.0 / xp.sqrt(var + self.eps)                 # (..., 1)
+        y *= rstd                                            # n = (x - mean) * rstd
+        self.x, self.mean, self.rstd, self.w = x, mean, rstd, w   # n is recomputed in backward
+        if w is not None:
+            y *= w
+        if b is not None:
+            y += b
+        return y
+
+    # With n = (x - mean)·rstd and y = n·w + b (C features per row; means are over them):
+    #   gw = Σ_rows gy·n,   gb = Σ_rows gy,   gn = gy·w.
+    # n depends on x directly, through mean and through rstd:
+    #   ∂n_j/∂x_i = rstd·(δ_ij − 1/C) − n_j·n_i·rstd/C
+    # so gx_i = Σ_j gn_j ∂n_j/∂x_i = rstd·(gn_i − mean(gn) − n_i·mean(gn·n)).
+    def backward(self, gy):
+        n = self.x - self.mean                               # (..., C)
+        n *= self.rstd
+        grads = []
+        gn = gy * self.w if self.w is not None else gy.copy()  # (..., C), ours to overwrite
+        if self.needs_input_grad[0]:
+            gn_mean = gn.mean(axis=-1, keepdims=True)          # (..., 1)
+            gn_n_mean = (gn * n).mean(axis=-1, keepdims=True)  # (..., 1)
+            gx = gn                                            # reuse gn's buffer for gx
+            gx -= gn_mean
+            n_scaled = n * gn_n_mean
+            gx -= n_scaled
+            gx *= self.rstd
+            grads.append(gx)
+        else:
+            grads.append(None)
+        if self.has_weight:
+            grads.append(_rows(gy * n) if self.needs_input_grad[1] else None)
+        if self.has_bias:
+            grads.append(_rows(gy) if self.needs_input_grad[-1] else None)
+        return tuple(grads)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """Normalise over the last axis to mean 0 and variance 1, then scale by weight and shift by bias."""
+    params = [p for p in (weight, bias) if p is not None]
+    return LayerNorm(eps, weight is not None, bias is not None)(x, *params)
+
+
+class RMSNorm(Function):
+    """y = x * rstd * w over the last axis; rstd = 1 / sqrt(mean(x²) + eps) (no centring, no bias)."""
+
+    def __init__(self, eps=1e-5, has_weight=True):
+        self.eps, self.has_weight = eps, has_weight
+
+    def forward(self, x, *params):
+        w = params[0] if self.has_weight else None
+        xp = get_array_module(x)
+        rstd = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)   # (..., 1)
+        y = x * rstd                                         # (..., C) n = x·rstd
+        self.x, self.rstd, self.w = x, rstd, w
+        if w is not None:
+            y *= w
+        return y
+
+    # With n = x·rstd, y = n·w:  gw = Σ_rows gy·n,  gn = gy·w, and since ∂rstd/∂x_i = −rstd³·x_i/C,
+    #   ∂n_j/∂x_i = rstd·δ_ij − n_j·n_i·rstd/C   so   gx = rstd·(gn − n·mean(gn·n)).
+    def backward(self, gy):
+        n = self.x * self.rstd                               # (..., C)
+        gx = gw = None
+        if self.needs_input_grad[0]:
+            gx = gy * self.w if self.w is not None else gy.copy()   # gn, then gx in place
+            gx -= n * (gx * n).mean(axis=-1, keepdims=True)
+            gx *= self.rstd
+        if self.has_weight and self.needs_input_grad[1]:
+            gw = _rows(gy * n)
+        return (gx, gw) if self.has_weight else gx
+
+
+def rms_norm(x, weight=None, eps=1e-5):
+    """Divide by the root mean square over the last axis, then scale by weight."""
+    return RMSNorm(eps, True)(x, weight) if weight is not None else RMSNorm(eps, False)(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+_GELU_K = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+class GELU(Function):
+    """GELU, tanh approximation (GPT-2): y = 0.5·x·(1 + tanh(k·(x + a·x³))), k = sqrt(2/π), a = 0.044715."""
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        th = x * x                                           # building u = k·x·(1 + a·x²) in place
+        th *= _GELU_A
+        th += 1.0
+        th *= x
+        th *= _GELU_K
+        xp.tanh(th, out=th)                                  # th = tanh(u)
+        self.x, self.th = x, th
+        y = th + 1.0
+        y *= x
+        y *= 0.5
+        return y
+
+    # dy/dx = 0.5·(1 + th) + 0.5·x·(1 − th²)·du/dx,   du/dx = k·(1 + 3a·x²)
+    def backward(self, gy):
+        x, th = self.x, self.th
+        d = x * x                                            # du/dx, in place
+        d *= 3.0 * _GELU_A
+        d += 1.0
+        d *= _GELU_K
+        d *= x                                               # x·du/dx
+        d *= 1.0 - th * th                                   # x·(1 − th²)·du/dx
+        d += th
+        d += 1.0
+        d *= 0.5                                             # dy/dx
+        d *= gy
+        return d
+
+
+def gelu(x):
+    """GELU with the tanh approximation, as GPT-2 (torch's approximate="tanh")."""
+    return GELU()(x)
+
+
+class SiLU(Function):
+    """y = x·σ(x); σ(x) = 0.5·(1 + tanh(x/2)) (the same as 1/(1 + e^-x), and never overflows)."""
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        s = x * 0.5
+        xp.tanh(s, out=s)
+        s += 1.0
+        s *= 0.5                                             # σ(x)
+        self.x, self.s = x, s
+        return x * s
+
+    # σ' = σ·(1 − σ), so dy/dx = σ + x·σ·(1 − σ) = σ·(1 + x·(1 − σ))
+    def backward(self, gy):
+        d = 1.0 - self.s
+        d *= self.x
+        d += 1.0
+        d *= self.s
+        d *= gy
+        return d
+
+
+def silu(x):
+    """SiLU (swish): x·sigmoid(x), the gate of SwiGLU."""
+    return SiLU()(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax, log-softmax, cross-entropy
+
+
+class Softmax(Function):
+    """y = exp(x − max) / Σ exp(x − max) along `axis` (subtracting the max changes nothing but overflow)."""
+
+    def __init__(self, axis=-1):
+        self.axis = axis
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        y = x - x.max(axis=self.axis, keepdims=True)         # an array we own: softmax in place
+        xp.exp(y, out=y)
+        y /= y.sum(axis=self.axis, keepdims=True)
+        self.y = y
+        return y
+
+    # ∂y_j/∂x_i = y_j·(δ_ij − y_i), so gx_i = Σ_j gy_j·y_j·(δ_ij − y_i) = y_i·(gy_i − Σ_j gy_j·y_j)
+    def backward(self, gy):
+        gx = gy * self.y
+        gx -= self.y * gx.sum(axis=self.axis, keepdims=True)
+        return gx
+
+
+def softmax(x, axis=-1):
+    return Softmax(axis)(x)
+
+
+class LogSoftmax(Function):
+    """y = x − max − log Σ exp(x − max) along `axis`."""
+
+    def __init__(self, axis=-1):
+        self.axis = axis
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        y = x - x.max(axis=self.axis, keepdims=True)         # z = x − max (≤ 0)
+        y -= xp.log(xp.exp(y).sum(axis=self.axis, keepdims=True))
+        self.y = y
+        return y
+
+    # y_j = x_j − log Σ_k e^{x_k}:  ∂y_j/∂x_i = δ_ij − softmax_i, so gx = gy − softmax·Σ gy,
+    # and softmax = exp(y) needs nothing but the saved output.
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        gx = xp.exp(self.y)
+        gx *= -gy.sum(axis=self.axis, keepdims=True)
+        gx += gy
+        return gx
+
+
+def log_softmax(x, axis=-1):
+    return LogSoftmax(axis)(x)
+
+
+class CrossEntropy(Function):
+    """Mean over non-ignored rows of −log softmax(logits)[target]; logits (N, V) (or any (..., V))."""
+
+    def __init__(self, targets, ignore_index=-100):
+        self.targets, self.ignore_index = targets, ignore_index   # int array (N,) (or (...)), no grad
+
+    def forward(self, logits):
+        xp = get_array_module(logits)
+        V = logits.shape[-1]
+        self.shape = logits.shape
+        z = logits.reshape(-1, V)                            # (N, V)
+        t = self.targets.reshape(-1)                         # (N,)
+        valid = t != self.ignore_index                       # (N,) rows that count
+        self.count = int(valid.sum())
+        t = xp.where(valid, t, 0)                            # ignored rows read column 0, then weigh 0
+        rows = xp.arange(z.shape[0])
+        m = z.max(axis=1, keepdims=True)                     # (N, 1)
+        p = z - m                                            # (N, V) the one big array we own
+        z_t = p[rows, t]                                     # (N,) target logit − max
+        xp.exp(p, out=p)
+        s = p.sum(axis=1, keepdims=True)                     # (N, 1)
+        p /= s                                               # softmax probabilities, in place
+        # −log softmax_t = log Σ exp(z − m) − (z_t − m); mean over valid rows (nan if none, as PyTorch)
+        nll = xp.log(s[:, 0]) - z_t                          # (N,)
+        loss = (nll * valid).sum() / logits.dtype.type(self.count) if self.count else \
+            xp.asarray(numpy.nan, dtype=logits.dtype)
+        self.p, self.t, self.valid, self.rows = p, t, valid, rows
+        self.dlogits_ready = False
+        return xp.asarray(loss, dtype=logits.dtype)
+
+    # loss = (1/count)·Σ_valid n (log Σ_v e^{z_nv} − z_n,t_n), so
+    #   dloss/dz_nv = (softmax_nv − [v = t_n]) / count   on valid rows, 0 on ignored ones.
+    # The probabilities saved by forward are turned into that gradient in place (no one-hot, no copy),
+    # once; a second backward (retain_graph=True) finds it ready.
+    def backward(self, gy):
+        p = self.p                                           # (N, V)
+        if not self.dlogits_ready:
+            p[self.rows, self.t] -= 1.0                      # softmax − onehot, without the one-hot
+            p *= (self.valid / max(self.count, 1))[:, None].astype(p.dtype)   # 1/count, 0 on ignored rows
+            self.dlogits_ready = True
+        g = p if float(gy) == 1.0 else p * gy                # usually gy = 1 (loss.backward())
+        return g.reshape(self.shape)
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    """Mean cross-entropy of logits (N, V) or (B, T, V) against int targets (N,) or (B, T).
+
+    Rows whose target is `ignore_index` count neither in the sum nor in the mean. When every target is
+    ignored the loss is nan (0/0, as PyTorch) and the gradient is zero.
+    """
+    targets = _raw_int_array(targets, logits.data, "cross_entropy targets")
+    if logits.ndim not in (2, 3):
+        raise ValueError(f"cross_entropy: logits must be (N, V) or (B, T, V), got shape {logits.shape}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets of shape {targets.shape} do not match logits {logits.shape}: "
+                         f"expected targets of shape {logits.shape[:-1]}")
+    V = logits.shape[-1]
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        value = int(targets[bad].reshape(-1)[0])
+        raise IndexError(f"cross_entropy: target {value} is out of range for {V} classes "
+                         f"(targets must be in [0, {V}) or equal ignore_index={ignore_index})")
+    return CrossEntropy(targets, ignore_index)(logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+
+class Dropout(Function):
+    """Inverted dropout: zero each element with probability p, scale the survivors by 1/(1 − p)."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        keep = rng.for_array_module(xp).random(x.shape, dtype=numpy.float32) >= self.p   # (..) bool
+        self.mask = keep.astype(x.dtype)                     # the mask, already scaled: 0 or 1/(1 − p)
+        if self.p < 1.0:
+            self.mask *= 1.0 / (1.0 - self.p)
+        return x * self.mask
+
+    def backward(self, gy):  # y = x·mask, so gx = gy·mask
+        return gy * self.mask
+
+
+def dropout(x, p=0.5, training=True):
+    """Inverted dropout; identity (the same tensor, no op recorded) when p == 0 or not training."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    return Dropout(float(p))(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaled dot-product attention
+
+
+def _causal_bias(xp, T, S, dtype):
+    """(T, S) additive mask: 0 where query i may see key j (j <= S − T + i), −inf elsewhere."""
+    bias = xp.zeros((T, S), dtype=dtype)
+    i = xp.arange(T)[:, None]
+    j = xp.arange(S)[None, :]
+    bias[j > S - T + i] = -numpy.inf
+    return bias
+
+
+class ScaledDotProductAttention(Function):
+    """softmax(q kᵀ / sqrt(D) + causal mask) v, with grouped k/v heads (GQA/MQA).
+
+    q (B, H, T, D), k and v (B, Hkv, S, D), G = H / Hkv: query head h reads k/v head h // G.
+    The trick: the G query heads of one k/v head are consecutive, so q viewed as (B, Hkv, G·T, D)
+    stacks their rows, and ONE batched matmul per step serves the whole group without repeating k/v.
+    """
+
+    def __init__(self, causal=True):
+        self.causal = causal
+
+    def forward(self, q, k, v):
+        xp = get_array_module(q)
+        B, H, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        G = H // Hkv
+        self.scale = 1.0 / math.sqrt(D)
+        qg = q.reshape(B, Hkv, G * T, D)                     # (B, Hkv, G·T, D) the group's query rows
+        P = qg @ k.swapaxes(-1, -2)                          # (B, Hkv, G·T, S) scores
+        P *= self.scale
+        if self.causal:
+            P5 = P.reshape(B, Hkv, G, T, S)                  # a view: row g·T + i is query i of head g
+            P5 += _causal_bias(xp, T, S, P.dtype)            # (T, S) broadcast over B, Hkv, G
+        P -= P.max(axis=-1, keepdims=True)                   # softmax in place over keys
+        xp.exp(P, out=P)
+        P /= P.sum(axis=-1, keepdims=True)                   # (B, Hkv, G·T, S) probabilities
+        y = P @ v                                            # (B, Hkv, G·T, D)
+        self.qg, self.k, self.v, self.P, self.y = qg, k, v, P, y
+        self.q_shape = q.shape
+        return y.reshape(B, H, T, D)
+
+    # With S = scale·q kᵀ (+ mask), P = softmax(S) row by row, y = P v (per batch and k/v head, the
+    # group's query rows stacked):
+    #   gv = Pᵀ gy                      (B, Hkv, S, D)   the matmul sums over the G·T rows: GQA for free
+    #   gP = gy vᵀ                      (B, Hkv, G·T, S)
+    #   gS = P ⊙ (gP − rowsum(gP ⊙ P))  softmax backward; masked P are 0, so masked gS are 0
+    #        and rowsum(gP ⊙ P)_r = Σ_s P_rs (gy_r · v_s) = gy_r · y_r  (cheap: D terms, not S)
+    #   gq = scale · gS k               (B, Hkv, G·T, D) -> (B, H, T, D)
+    #   gk = scale · gSᵀ q              (B, Hkv, S, D)   summed over the group by the matmul again
+    def backward(self, gy):
+        B, Hkv, GT, D = self.y.shape
+        gy = gy.reshape(B, Hkv, GT, D)                       # (B, Hkv, G·T, D) a view when contiguous
+        P = self.P
+        gq = gk = gv = None
+        if self.needs_input_grad[2]:
+            gv = P.swapaxes(-1, -2) @ gy                     # (B, Hkv, S, D)
+        if self.needs_input_grad[0] or self.needs_input_grad[1]:
+            gS = gy @ self.v.swapaxes(-1, -2)                # gP, (B, Hkv, G·T, S)
+            gS -= (gy * self.y).sum(axis=-1, keepdims=True)  # gP − rowsum(gP ⊙ P)
+            gS *= P                                          # gS
+            gS *= self.scale                                 # fold the scale in once for gq and gk
+            if self.needs_input_grad[0]:
+                gq = (gS @ self.k).reshape(self.q_shape)     # (B, H, T, D)
+            if self.needs_input_grad[1]:
+                gk = gS.swapaxes(-1, -2) @ self.qg           # (B, Hkv, S, D)
+        return gq, gk, gv
+
+
+def scaled_dot_product_attention(q, k, v, causal=True):
+    """Attention of q (B, H, T, D) over k, v (B, Hkv, S, D) with H % Hkv == 0 (GQA/MQA), scale 1/sqrt(D).
+
+    causal=True lets query i see keys 0 .. S − T + i: the mask is aligned to the END, so with a KV cache
+    (S > T) the new queries see every cached key and causally each other.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"scaled_dot_product_attention takes 4-D q, k, v (B, heads, length, D), got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    B, H, T, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"scaled_dot_product_attention: k {k.shape} and v {v.shape} must both be "
+                         f"(B={B}, Hkv, S, D={D}) for q {q.shape}")
+    if H % k.shape[1]:
+        raise ValueError(f"scaled_dot_product_attention: {H} query heads cannot be shared out evenly "
+                         f"over {k.shape[1]} key/value heads (H % Hkv must be 0)")
+    if causal and k.shape[2] < T:
+        raise ValueError(f"causal attention needs at least as many keys as queries (S={k.shape[2]} < T={T}): "
+                         "the first queries would see no key at all")
+    return ScaledDotProductAttention(causal)(q, k, v)
