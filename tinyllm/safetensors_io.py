@@ -20,8 +20,8 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -76,17 +76,21 @@ class SafetensorsError(ValueError):
 
 
 @contextlib.contextmanager
-def atomic_open(path, mode="wb"):
+def atomic_open(path, mode="wb", encoding="utf-8"):
     """Open a temporary file next to ``path``; on success, fsync it and rename it onto ``path``.
 
-    Readers see either the old file or the complete new one, never a half-written file: the rename
-    (``os.replace``) is atomic on POSIX and Windows when both names are in the same directory.
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    Readers see either the old file or the complete new one, never a half-written file: the
+    rename (``os.replace``) is atomic on POSIX and Windows when both names are in the same
+    directory. On an exception the temporary file is removed and ``path`` is left untouched.
+    Text modes write UTF-8 unless told otherwise.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_name = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    # O_EXCL: never share a temp file with another writer; mode 0o666 lets the umask decide the
+    # permissions, as for any ordinary new file.
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
