@@ -1,0 +1,105 @@
+"""Small helpers shared by the tokenizer file formats: atomic writes and a line reader.
+
+Both tokenizer formats are plain UTF-8 text, one item per line, every string
+JSON-encoded so that spaces, newlines and odd characters survive.  Nothing is
+ever unpickled: a tokenizer file is data, never code.
+"""
+
+import json
+import os
+import secrets
+
+
+def write_atomic(path, text):
+    """Write text to path so that readers see the old file or the new one, never half.
+
+    The text goes to a temporary file in the same directory (same file system,
+    so os.replace is an atomic rename), is flushed to disk, then renamed over
+    the target.  On any error the temporary file is removed.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        # "x": never clobber another writer's temp file; default permissions follow the umask.
+        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class LineReader:
+    """Reads a text file line by line and phrases every complaint as 'file, line N: what'."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        try:
+            with open(self.path, encoding="utf-8", newline="") as f:
+                text = f.read()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{self.path}: not a UTF-8 text file ({exc})") from None
+        # Split on "\n" only (JSON never writes a raw newline inside a string);
+        # tolerate "\r\n" from editors that change line endings.
+        self.lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+        if self.lines and self.lines[-1] == "":
+            self.lines.pop()  # the newline that ends the last line
+        self.number = 0  # 1-based number of the line last returned
+
+    def error(self, what, line_number=None):
+        number = self.number if line_number is None else line_number
+        return ValueError(f"{self.path}, line {number}: {what}")
+
+    def next(self, what):
+        """Return the next line; 'what' names the expected content for the truncation error."""
+        if self.number >= len(self.lines):
+            raise ValueError(f"{self.path}, line {self.number + 1}: file ends early, expected {what}"
+                             " (truncated file?)")
+        self.number += 1
+        return self.lines[self.number - 1]
+
+    def keyword(self, name):
+        """Read a 'name value' line and return value (the rest of the line)."""
+        line = self.next(f"a '{name} ...' line")
+        key, _, value = line.partition(" ")
+        if key != name:
+            raise self.error(f"expected a '{name} ...' line, found {line[:60]!r}")
+        return value
+
+    def count(self, name):
+        """Read a 'name N' line and return N, a non-negative int."""
+        value = self.keyword(name)
+        if not (value.isascii() and value.isdigit()):
+            raise self.error(f"expected '{name} <count>' with a non-negative integer, found {value[:60]!r}")
+        return int(value)
+
+    def json_string(self, text, what):
+        """Decode one JSON string literal (the file's way of writing any text)."""
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise self.error(f"{what} is not a valid JSON string: {exc}") from None
+        if not isinstance(value, str):
+            raise self.error(f"{what} must be a JSON string in double quotes, found {text[:60]!r}")
+        return value
+
+    def expect_end(self):
+        if self.number < len(self.lines):
+            raise self.error(f"unexpected extra content {self.lines[self.number][:60]!r}",
+                             self.number + 1)
+
+
+def read_header(path):
+    """The first line of a file, for dispatching on the format (no full read)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.readline().rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file, so not a tinyllm tokenizer file") from None
