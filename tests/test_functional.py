@@ -1,14 +1,54 @@
-"""Fused layers (tinyllm/nn/functional.py): gradchecks, agreement with composed references, stability."""
+"""Fused layers (tinyllm/nn/functional.py): gradchecks, agreement with the same layers composed from
+primitive ops (tinyllm/nn/reference.py), numerical stability, dtypes, error messages, PyTorch."""
+import math
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tinyllm as tl
+import tinyllm.cases.layers as layer_cases
+import tinyllm.nn.functional as F
 from tinyllm.cases import CaseBuilder
 from tinyllm.gradcheck import gradcheck_report
-import tinyllm.cases.layers as layer_cases
+from tinyllm.nn import reference as R
 
 CASE_FUNCTIONS = [layer_cases.linear, layer_cases.embedding, layer_cases.norms, layer_cases.activations,
                   layer_cases.softmaxes, layer_cases.cross_entropy, layer_cases.dropout, layer_cases.attention]
+
+
+def leaf(array, dtype="float64"):
+    return tl.tensor(np.asarray(array), requires_grad=True, dtype=dtype)
+
+
+def run(fn, arrays, upstream_seed=0, consts=()):
+    """Forward fn on fresh float64 leaves, backward a random upstream gradient: (value, grads)."""
+    leaves = [leaf(a) for a in arrays]
+    y = fn(*leaves, *consts)
+    g = np.random.default_rng(upstream_seed).standard_normal(y.shape)
+    y.backward(g)
+    return y.numpy(), [t.grad for t in leaves]
+
+
+def assert_same(fused, composed, arrays, consts=(), tol=1e-12):
+    """The fused op and its composed reference agree on values and on every input gradient."""
+    y1, g1 = run(fused, arrays, consts=consts)
+    y2, g2 = run(composed, arrays, consts=consts)
+    np.testing.assert_allclose(y1, y2, rtol=tol, atol=tol)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+rng = np.random.default_rng(1234)
+
+
+def randn(*shape):
+    return rng.standard_normal(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck: every registered case, worst error < 1e-6
 
 
 @pytest.mark.parametrize("case_fn", CASE_FUNCTIONS, ids=lambda f: f.__name__)
@@ -17,3 +57,426 @@ def test_layer_gradcheck_cases(case_fn):
         result = gradcheck_report(fn, inputs)
         assert not result.failures, f"{label}: {result.failures[0]}"
         assert result.worst_error < 1e-6, label
+
+
+def test_every_fused_op_has_a_case():
+    ops_seen = set()
+    for case_fn in CASE_FUNCTIONS:
+        for label, fn, inputs in case_fn(CaseBuilder()):
+            ops_seen |= gradcheck_report(fn, inputs).ops
+    fused = {"Linear", "Embedding", "LayerNorm", "RMSNorm", "GELU", "SiLU", "Softmax", "LogSoftmax",
+             "CrossEntropy", "Dropout", "ScaledDotProductAttention"}
+    assert fused <= ops_seen
+    assert fused <= set(tl.OPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused == composed from primitive ops (values and gradients, float64)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("x_shape", [(5,), (4, 5), (2, 3, 5), (2, 1, 3, 5)])
+def test_linear_matches_composed(x_shape, with_bias):
+    arrays = [randn(*x_shape), randn(3, 5)] + ([randn(3)] if with_bias else [])
+    assert_same(F.linear, R.linear, arrays)
+
+
+def test_embedding_matches_composed_with_repeated_ids():
+    ids = np.array([[1, 1, 3, 0], [3, 3, 3, 5]])
+    assert_same(lambda w: F.embedding(ids, w), lambda w: R.embedding(ids, w), [randn(6, 4)])
+    y, (g,) = run(lambda w: F.embedding(ids, w), [randn(6, 4)])
+    assert y.shape == (2, 4, 4)
+    up = np.random.default_rng(0).standard_normal((2, 4, 4))
+    np.testing.assert_allclose(g[3], up[0, 2] + up[1, 0] + up[1, 1] + up[1, 2])
+    np.testing.assert_array_equal(g[2], 0)
+
+
+def test_embedding_accepts_int_tensor_and_int32():
+    w = leaf(randn(5, 2))
+    ids = tl.tensor(np.array([4, 0, 4], dtype=np.int32))
+    np.testing.assert_array_equal(F.embedding(ids, w).numpy(), w.numpy()[[4, 0, 4]])
+    np.testing.assert_array_equal(F.embedding(np.uint16(3) + np.zeros(2, np.uint16), w).numpy(), w.numpy()[[3, 3]])
+
+
+@pytest.mark.parametrize("weight, bias", [(True, True), (True, False), (False, True), (False, False)])
+def test_layer_norm_matches_composed(weight, bias):
+    C = 6
+    arrays = [randn(2, 3, C)] + ([randn(C)] if weight else []) + ([randn(C)] if bias else [])
+
+    def call(f):
+        def fn(x, *p):
+            w = p[0] if weight else None
+            b = p[-1] if bias else None
+            return f(x, w, b)
+        return fn
+    assert_same(call(F.layer_norm), call(R.layer_norm), arrays)
+
+
+@pytest.mark.parametrize("weight", [True, False])
+def test_rms_norm_matches_composed(weight):
+    arrays = [randn(3, 2, 7)] + ([randn(7)] if weight else [])
+    assert_same(F.rms_norm, R.rms_norm, arrays)
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu"])
+def test_activations_match_composed(name):
+    x = randn(4, 9) * 3
+    x[0, :3] = [0.0, 30.0, -30.0]
+    assert_same(getattr(F, name), getattr(R, name), [x])
+
+
+@pytest.mark.parametrize("axis", [-1, 0, 1])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_softmaxes_match_composed(name, axis):
+    assert_same(lambda x: getattr(F, name)(x, axis=axis), lambda x: getattr(R, name)(x, axis=axis), [randn(3, 4, 5)])
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 5)])
+def test_cross_entropy_matches_composed(shape):
+    targets = np.random.default_rng(3).integers(0, 5, shape[:-1])
+    targets.reshape(-1)[[1, 4]] = -100
+    assert_same(lambda z: F.cross_entropy(z, targets), lambda z: R.cross_entropy(z, targets), [randn(*shape) * 3])
+
+
+def test_dropout_matches_composed_with_the_same_seed():
+    def with_seed(f):
+        def fn(x):
+            tl.manual_seed(7)
+            return f(x, 0.25)
+        return fn
+    assert_same(with_seed(F.dropout), with_seed(R.dropout), [randn(5, 8)])
+
+
+ATTENTION_SHAPES = [  # B, H, Hkv, T, S, D
+    (2, 2, 2, 4, 4, 3),   # MHA
+    (1, 4, 2, 3, 3, 4),   # GQA
+    (2, 3, 1, 5, 5, 2),   # MQA
+    (1, 4, 2, 2, 6, 3),   # GQA, S > T (a KV cache)
+    (2, 2, 1, 1, 7, 4),   # one new token against a cache
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B, H, Hkv, T, S, D", ATTENTION_SHAPES)
+def test_attention_matches_composed(B, H, Hkv, T, S, D, causal):
+    arrays = [randn(B, H, T, D), randn(B, Hkv, S, D), randn(B, Hkv, S, D)]
+    assert_same(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal),
+                lambda q, k, v: R.scaled_dot_product_attention(q, k, v, causal=causal), arrays)
+
+
+def test_causal_attention_is_aligned_to_the_end_as_a_kv_cache_needs():
+    """The last T queries against all S keys == the last T rows of full causal attention over S."""
+    B, H, Hkv, S, D, T = 2, 4, 2, 7, 3, 3
+    q = tl.tensor(randn(B, H, S, D))
+    k, v = tl.tensor(randn(B, Hkv, S, D)), tl.tensor(randn(B, Hkv, S, D))
+    full = F.scaled_dot_product_attention(q, k, v).numpy()
+    tail = F.scaled_dot_product_attention(q[:, :, S - T:], k, v).numpy()
+    np.testing.assert_allclose(tail, full[:, :, S - T:], rtol=1e-12, atol=1e-12)
+    # query 0 sees only key 0: its output is v's first row of its k/v head
+    np.testing.assert_allclose(full[:, :, 0], np.repeat(v.numpy()[:, :, 0], H // Hkv, axis=1), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# hypothesis over shapes and axes
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=4), data=st.data())
+def test_softmax_any_axis(shape, data):
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    x = np.random.default_rng(len(shape)).standard_normal(shape) * 5
+    y = F.softmax(tl.tensor(x), axis=axis).numpy()
+    np.testing.assert_allclose(y.sum(axis=axis), 1.0, rtol=1e-12)
+    assert_same(lambda t: F.softmax(t, axis=axis), lambda t: R.softmax(t, axis=axis), [x])
+    assert_same(lambda t: F.log_softmax(t, axis=axis), lambda t: R.log_softmax(t, axis=axis), [x])
+
+
+@settings(max_examples=25, deadline=None)
+@given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=3), C=st.integers(1, 6))
+def test_norms_any_leading_shape(lead, C):
+    r = np.random.default_rng(C)
+    x, w, b = r.standard_normal(tuple(lead) + (C,)), r.standard_normal(C), r.standard_normal(C)
+    assert_same(F.layer_norm, R.layer_norm, [x, w, b], tol=1e-10)
+    assert_same(F.rms_norm, R.rms_norm, [x, w], tol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=3), n_in=st.integers(1, 5), n_out=st.integers(1, 5))
+def test_linear_any_leading_shape(lead, n_in, n_out):
+    r = np.random.default_rng(n_in * 7 + n_out)
+    x, w, b = r.standard_normal(tuple(lead) + (n_in,)), r.standard_normal((n_out, n_in)), r.standard_normal(n_out)
+    assert_same(F.linear, R.linear, [x, w, b])
+    assert F.linear(tl.tensor(x), tl.tensor(w)).shape == tuple(lead) + (n_out,)
+
+
+# ---------------------------------------------------------------------------------------------
+# numerical stability
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmaxes_and_cross_entropy_are_stable_at_huge_logits(dtype):
+    x = np.array([[1e4, -1e4, 0.0, 1e4], [-1e4, -1e4, -1e4, -1e4 + 1]])
+    for fn in (F.softmax, F.log_softmax):
+        t = leaf(x, dtype)
+        y = fn(t)
+        y.backward(np.ones(x.shape))
+        assert np.isfinite(y.numpy()).all() and np.isfinite(t.grad).all()
+    np.testing.assert_allclose(F.softmax(tl.tensor(x)).numpy()[0], [0.5, 0, 0, 0.5])
+    t = leaf(x, dtype)
+    loss = F.cross_entropy(t, np.array([1, 3]))
+    loss.backward()
+    assert np.isfinite(loss.item()) and np.isfinite(t.grad).all()
+    # row 0: target -1e4 against two logits 1e4 -> loss ≈ 2e4 + log 2; row 1: log(1 + 3e^-1) - 0
+    expected = (2e4 + math.log(2) + math.log(1 + 3 * math.exp(-1))) / 2
+    np.testing.assert_allclose(loss.item(), expected, rtol=1e-6)
+
+
+def test_cross_entropy_of_a_confident_correct_prediction_is_zero_not_nan():
+    loss = F.cross_entropy(leaf([[1e4, 0.0, -1e4]]), [0])
+    assert loss.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-entropy details
+
+
+def test_cross_entropy_value_and_gradient_formula():
+    z = randn(4, 6)
+    t = np.array([5, -100, 0, 2])
+    logits = leaf(z)
+    loss = F.cross_entropy(logits, t)
+    loss.backward()
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    valid = [0, 2, 3]
+    np.testing.assert_allclose(loss.item(), -np.mean(np.log(p[valid, t[valid]])), rtol=1e-13)
+    expected = p.copy()
+    expected[valid, t[valid]] -= 1
+    expected[1] = 0
+    np.testing.assert_allclose(logits.grad, expected / 3, rtol=1e-12, atol=1e-15)
+
+
+def test_cross_entropy_all_ignored_is_nan_with_zero_gradient_like_pytorch():
+    logits = leaf(randn(3, 4))
+    loss = F.cross_entropy(logits, np.full(3, -100))
+    assert math.isnan(loss.item())
+    loss.backward()
+    np.testing.assert_array_equal(logits.grad, 0)
+
+
+def test_cross_entropy_scaled_loss_and_second_backward():
+    z = randn(2, 3, 5)
+    t = np.array([[0, 1, 2], [3, 4, -100]])
+    a = leaf(z)
+    (F.cross_entropy(a, t) * 2.5).backward()
+    b = leaf(z)
+    F.cross_entropy(b, t).backward()
+    np.testing.assert_allclose(a.grad, 2.5 * b.grad, rtol=1e-13)
+    c = leaf(z)
+    loss = F.cross_entropy(c, tl.tensor(t))
+    loss.backward(retain_graph=True)
+    loss.backward()  # retain_graph: the second backward finds the same gradient again
+    np.testing.assert_allclose(c.grad, 2 * b.grad, rtol=1e-13)
+
+
+def test_cross_entropy_errors():
+    z = leaf(randn(2, 3, 5))
+    with pytest.raises(ValueError, match="do not match"):
+        F.cross_entropy(z, np.zeros((3, 2), dtype=int))
+    with pytest.raises(ValueError, match="do not match"):
+        F.cross_entropy(leaf(randn(6, 5)), np.zeros(5, dtype=int))
+    with pytest.raises(TypeError, match="integers"):
+        F.cross_entropy(z, np.zeros((2, 3)))
+    with pytest.raises(IndexError, match="target 5 is out of range for 5 classes"):
+        F.cross_entropy(z, np.full((2, 3), 5))
+    with pytest.raises(IndexError, match="target -1"):
+        F.cross_entropy(z, np.full((2, 3), -1))
+    with pytest.raises(ValueError, match=r"\(N, V\) or \(B, T, V\)"):
+        F.cross_entropy(leaf(randn(5)), np.zeros((), dtype=int))
+    F.cross_entropy(z, np.full((2, 3), 7), ignore_index=7)  # ignore_index may lie outside [0, V)
+
+
+# ---------------------------------------------------------------------------------------------
+# other error messages
+
+
+def test_embedding_errors():
+    w = leaf(randn(4, 3))
+    with pytest.raises(TypeError, match="integers"):
+        F.embedding(np.array([0.0, 1.0]), w)
+    with pytest.raises(IndexError, match="id 4 is out of range for a table of 4 rows"):
+        F.embedding(np.array([0, 4]), w)
+    with pytest.raises(IndexError, match="id -1 is out of range"):
+        F.embedding(np.array([[0], [-1]]), w)
+    with pytest.raises(TypeError, match="integers"):
+        F.embedding(tl.tensor([0.5]), w)
+
+
+def test_linear_and_attention_errors():
+    with pytest.raises(ValueError, match="x has 4 features but weight"):
+        F.linear(leaf(randn(2, 4)), leaf(randn(3, 5)))
+    q, k = leaf(randn(1, 3, 2, 4)), leaf(randn(1, 2, 2, 4))
+    with pytest.raises(ValueError, match="H % Hkv"):
+        F.scaled_dot_product_attention(q, k, k)
+    with pytest.raises(ValueError, match="must both be"):
+        F.scaled_dot_product_attention(leaf(randn(1, 2, 2, 4)), leaf(randn(1, 2, 2, 3)), leaf(randn(1, 2, 2, 3)))
+    with pytest.raises(ValueError, match="4-D"):
+        F.scaled_dot_product_attention(leaf(randn(2, 2, 4)), leaf(randn(2, 2, 4)), leaf(randn(2, 2, 4)))
+    with pytest.raises(ValueError, match="at least as many keys as queries"):
+        F.scaled_dot_product_attention(leaf(randn(1, 1, 3, 2)), leaf(randn(1, 1, 2, 2)), leaf(randn(1, 1, 2, 2)))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        F.dropout(leaf(randn(3)), p=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout
+
+
+def test_dropout_identity_when_off():
+    x = leaf(randn(4, 5))
+    assert F.dropout(x, 0.0) is x
+    assert F.dropout(x, 0.5, training=False) is x
+
+
+def test_dropout_mask_scale_and_repeatability():
+    x = leaf(np.ones((200, 500)), "float32")
+    tl.manual_seed(3)
+    y = F.dropout(x, 0.2)
+    assert y.dtype == np.float32
+    kept = y.numpy() != 0
+    assert abs(kept.mean() - 0.8) < 0.01
+    np.testing.assert_allclose(y.numpy()[kept], 1 / 0.8, rtol=1e-6)
+    y.backward(np.ones(x.shape, dtype=np.float32))
+    np.testing.assert_array_equal(x.grad, y.numpy())  # gx = gy·mask
+    tl.manual_seed(3)
+    np.testing.assert_array_equal(F.dropout(x, 0.2).numpy(), y.numpy())
+    assert not np.array_equal(F.dropout(x, 0.2).numpy(), y.numpy())
+    np.testing.assert_array_equal(F.dropout(x, 1.0).numpy(), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# float32 stays float32; inputs and upstream gradients are never modified
+
+
+def _all_layers(dtype):
+    r = np.random.default_rng(5)
+    t = lambda *s: leaf(r.standard_normal(s), dtype)  # noqa: E731
+    ids = r.integers(0, 7, (2, 3))
+    return [
+        ("linear", F.linear, [t(2, 3, 4), t(5, 4), t(5)]),
+        ("embedding", lambda w: F.embedding(ids, w), [t(7, 4)]),
+        ("layer_norm", F.layer_norm, [t(2, 3, 4), t(4), t(4)]),
+        ("rms_norm", F.rms_norm, [t(2, 3, 4), t(4)]),
+        ("gelu", F.gelu, [t(3, 4)]),
+        ("silu", F.silu, [t(3, 4)]),
+        ("softmax", F.softmax, [t(3, 4)]),
+        ("log_softmax", F.log_softmax, [t(3, 4)]),
+        ("cross_entropy", lambda z: F.cross_entropy(z, ids), [t(2, 3, 7)]),
+        ("dropout", lambda x: F.dropout(x, 0.5), [t(3, 4)]),
+        ("attention", F.scaled_dot_product_attention, [t(1, 4, 3, 2), t(1, 2, 5, 2), t(1, 2, 5, 2)]),
+    ]
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_float32_stays_float32(index):
+    name, fn, inputs = _all_layers("float32")[index]
+    y = fn(*inputs)
+    assert y.dtype == np.float32, name
+    y.backward(np.ones(y.shape, dtype=np.float32))
+    for x in inputs:
+        assert x.grad.dtype == np.float32, name
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_inputs_and_upstream_gradient_are_not_modified(index):
+    name, fn, inputs = _all_layers("float64")[index]
+    before = [x.numpy() for x in inputs]
+    y = fn(*inputs)
+    gy = np.random.default_rng(0).standard_normal(y.shape)
+    gy_copy = gy.copy()
+    y.backward(gy)  # backward hands this very array to the fused op's backward
+    for x, b in zip(inputs, before):
+        np.testing.assert_array_equal(x.numpy(), b, err_msg=name)
+    np.testing.assert_array_equal(gy, gy_copy, err_msg=name)
+
+
+def test_no_grad_records_nothing():
+    x, w = leaf(randn(2, 3)), leaf(randn(4, 3))
+    with tl.no_grad():
+        y = F.gelu(F.linear(x, w))
+    assert not y.requires_grad and y.is_leaf
+
+
+# ---------------------------------------------------------------------------------------------
+# optional: PyTorch cross-checks in float64
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def _tt(torch, a):
+    return torch.tensor(a, dtype=torch.float64, requires_grad=True)
+
+
+def test_torch_cross_entropy():
+    torch = _torch()
+    z = randn(2, 4, 9) * 4
+    t = np.random.default_rng(0).integers(0, 9, (2, 4))
+    t[1, 2] = -100
+    a, b = leaf(z), _tt(torch, z)
+    la = F.cross_entropy(a, t)
+    lb = torch.nn.functional.cross_entropy(b.reshape(-1, 9), torch.tensor(t).reshape(-1))
+    la.backward()
+    lb.backward()
+    np.testing.assert_allclose(la.item(), lb.item(), rtol=1e-13)
+    np.testing.assert_allclose(a.grad, b.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_torch_layer_norm_rms_norm_gelu_silu():
+    torch = _torch()
+    tf = torch.nn.functional
+    x, w, bias, g = randn(3, 2, 8), randn(8), randn(8), randn(3, 2, 8)
+    a, aw, ab = leaf(x), leaf(w), leaf(bias)
+    b, bw, bb = _tt(torch, x), _tt(torch, w), _tt(torch, bias)
+    F.layer_norm(a, aw, ab).backward(g)
+    tf.layer_norm(b, (8,), bw, bb, eps=1e-5).backward(torch.tensor(g))
+    for mine, theirs in [(a, b), (aw, bw), (ab, bb)]:
+        np.testing.assert_allclose(mine.grad, theirs.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(F.layer_norm(a, aw, ab).numpy(), tf.layer_norm(b, (8,), bw, bb).detach().numpy(),
+                               rtol=1e-12, atol=1e-12)
+    if hasattr(tf, "rms_norm"):
+        a, aw, b, bw = leaf(x), leaf(w), _tt(torch, x), _tt(torch, w)
+        ya, yb = F.rms_norm(a, aw), tf.rms_norm(b, (8,), bw, eps=1e-5)
+        np.testing.assert_allclose(ya.numpy(), yb.detach().numpy(), rtol=1e-12, atol=1e-12)
+        ya.backward(g)
+        yb.backward(torch.tensor(g))
+        np.testing.assert_allclose(a.grad, b.grad.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(aw.grad, bw.grad.numpy(), rtol=1e-10, atol=1e-12)
+    for mine, theirs in [(F.gelu, lambda t: tf.gelu(t, approximate="tanh")), (F.silu, tf.silu)]:
+        a, b = leaf(x * 3), _tt(torch, x * 3)
+        ya, yb = mine(a), theirs(b)
+        np.testing.assert_allclose(ya.numpy(), yb.detach().numpy(), rtol=1e-13, atol=1e-14)
+        ya.backward(g)
+        yb.backward(torch.tensor(g))
+        np.testing.assert_allclose(a.grad, b.grad.numpy(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B, H, Hkv, T, S, D", ATTENTION_SHAPES)
+def test_torch_attention(B, H, Hkv, T, S, D, causal):
+    torch = _torch()
+    q, k, v, g = randn(B, H, T, D), randn(B, Hkv, S, D), randn(B, Hkv, S, D), randn(B, H, T, D)
+    mine = [leaf(a) for a in (q, k, v)]
+    theirs = [_tt(torch, a) for a in (q, k, v)]
+    y = F.scaled_dot_product_attention(*mine, causal=causal)
+    y.backward(g)
+    mask = None
+    if causal:  # aligned to the end: query i sees keys 0 .. S - T + i
+        mask = torch.tensor(np.arange(S)[None, :] <= S - T + np.arange(T)[:, None])
+    tk, tv = (t.repeat_interleave(H // Hkv, dim=1) for t in theirs[1:])  # each k/v head serves H/Hkv heads
+    ty = torch.nn.functional.scaled_dot_product_attention(theirs[0], tk, tv, attn_mask=mask)
+    ty.backward(torch.tensor(g))
+    np.testing.assert_allclose(y.numpy(), ty.detach().numpy(), rtol=1e-12, atol=1e-12)
+    for a, b in zip(mine, theirs):
+        np.testing.assert_allclose(a.grad, b.grad.numpy(), rtol=1e-11, atol=1e-12)
