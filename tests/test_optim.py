@@ -322,3 +322,37 @@ def test_cosine_lr_is_bounded_and_decreasing_after_warmup(step):
     if step >= 10:
         assert lr_at(step + 1) <= lr
         assert lr >= 1e-4
+
+
+# ---------------------------------------------------------------- GPU (skipped without CuPy and a GPU)
+
+
+@pytest.mark.gpu
+def test_adamw_and_clipping_on_cupy_match_numpy():
+    cupy = pytest.importorskip("cupy")
+    host = make_params(np.float32, seed=9)
+    device = [P(h.data) for h in host]
+    for d in device:
+        d.data = cupy.asarray(d.data)  # the same values, on the GPU
+    opt_host = AdamW([{"params": host[:2]}, {"params": host[2:], "weight_decay": 0.0}], lr=1e-2)
+    opt_device = AdamW([{"params": device[:2]}, {"params": device[2:], "weight_decay": 0.0}], lr=1e-2)
+    rng = np.random.default_rng(10)
+    for _ in range(3):
+        for d, h in zip(device, host):
+            h.grad = rng.standard_normal(h.data.shape).astype(np.float32) * 5
+            d.grad = cupy.asarray(h.grad)
+        norm_host = clip_grad_norm_(host, 1.0)
+        norm_device = clip_grad_norm_(device, 1.0)
+        assert norm_device == pytest.approx(norm_host, rel=1e-5)
+        opt_host.step()
+        opt_device.step()
+    for d, h in zip(device, host):
+        assert isinstance(d.data, cupy.ndarray) and d.data.dtype == cupy.float32
+        np.testing.assert_allclose(d.data.get(), h.data, rtol=1e-5, atol=1e-6)
+    assert isinstance(opt_device.state[0]["exp_avg"], cupy.ndarray)
+
+    # Host arrays (as read from a checkpoint) load onto the device.
+    arrays, meta = optimizer_state_to_flat(opt_device.state_dict())
+    host_arrays = {k: v.get() for k, v in arrays.items()}
+    opt_device.load_state_dict(optimizer_state_from_flat(host_arrays, meta))
+    assert isinstance(opt_device.state[0]["exp_avg_sq"], cupy.ndarray)

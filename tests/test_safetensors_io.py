@@ -321,3 +321,11 @@ def test_we_read_reference_library_files(tmp_path):
     st_numpy.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"k": "v"})
     assert_same(tensors, load_file(tmp_path / "theirs.safetensors"))
     assert read_metadata(tmp_path / "theirs.safetensors") == {"k": "v"}
+
+
+@pytest.mark.gpu
+def test_saves_cupy_arrays(tmp_path):
+    cupy = pytest.importorskip("cupy")
+    array = cupy.arange(12, dtype=cupy.float32).reshape(3, 4)
+    save_file({"a": array}, tmp_path / "t.safetensors")
+    np.testing.assert_array_equal(load_file(tmp_path / "t.safetensors")["a"], array.get())
