@@ -81,7 +81,10 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    if argv and argv[0] in ("train", "sample"):  # they parse their own long option lists
+        args = argparse.Namespace(func=cmd_train if argv[0] == "train" else cmd_sample, rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

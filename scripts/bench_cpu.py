@@ -1,0 +1,242 @@
+"""One full training step (forward, loss, backward, AdamW) of tinyllm vs the same model in PyTorch.
+
+    python scripts/bench_cpu.py                   # both configs
+    python scripts/bench_cpu.py --config baby --steps 30 --profile
+
+Both models get tinyllm's exact initial weights, the same batch, float32, dropout 0, the same
+number of threads; the first step's losses must agree (proof that the same computation is timed).
+Timing alternates A/B runs after a warm-up and reports medians and the ratio tinyllm/PyTorch.
+Peak memory is measured in fresh subprocesses (one per framework): the rise of the peak resident
+set size during the steps over the resident size just before them (weights and batch built).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CONFIGS = {
+    "baby": dict(vocab_size=65, block_size=64, batch_size=12, n_layer=4, n_head=4, n_embd=128),
+    "char": dict(vocab_size=65, block_size=256, batch_size=8, n_layer=6, n_head=6, n_embd=384),
+}
+LR, BETAS, WEIGHT_DECAY = 1e-3, (0.9, 0.99), 0.1
+
+
+def make_batch(cfg, seed=0):
+    r = np.random.default_rng(seed)
+    x = r.integers(0, cfg["vocab_size"], (cfg["batch_size"], cfg["block_size"]))
+    y = r.integers(0, cfg["vocab_size"], (cfg["batch_size"], cfg["block_size"]))
+    return x, y
+
+
+# ----------------------------------------------------------------------------------------------- tinyllm
+
+def build_tinyllm(cfg, seed=0):
+    import tinyllm as tl
+    tl.manual_seed(seed)
+    model_cfg = tl.GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg["block_size"], n_layer=cfg["n_layer"],
+                             n_head=cfg["n_head"], n_embd=cfg["n_embd"], bias=False, dropout=0.0)
+    model = tl.GPT(model_cfg)
+    optimizer = model.configure_optimizers(WEIGHT_DECAY, LR, BETAS)
+    return model, optimizer
+
+
+def tinyllm_step(model, optimizer, x, y):
+    _, loss = model(x, y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return float(loss.item())
+
+
+# ----------------------------------------------------------------------------------------------- PyTorch
+
+def build_torch(cfg, state_dict):
+    """nanoGPT's model, written out here; loaded with tinyllm's exact weights."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    C, H = cfg["n_embd"], cfg["n_head"]
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = nn.Linear(C, 3 * C, bias=False)
+            self.c_proj = nn.Linear(C, C, bias=False)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.c_attn(x).split(C, dim=2)
+            q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc = nn.Linear(C, 4 * C, bias=False)
+            self.c_proj = nn.Linear(4 * C, C, bias=False)
+
+        def forward(self, x):
+            return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1 = nn.LayerNorm(C, bias=False)
+            self.attn = Attention()
+            self.ln_2 = nn.LayerNorm(C, bias=False)
+            self.mlp = MLP()
+
+        def forward(self, x):
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(cfg["vocab_size"], C), wpe=nn.Embedding(cfg["block_size"], C),
+                h=nn.ModuleList([Block() for _ in range(cfg["n_layer"])]), ln_f=nn.LayerNorm(C, bias=False)))
+            self.lm_head = nn.Linear(C, cfg["vocab_size"], bias=False)
+            self.lm_head.weight = self.transformer.wte.weight  # tied
+
+        def forward(self, idx, targets):
+            pos = torch.arange(idx.shape[1])
+            x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+            for block in self.transformer.h:
+                x = block(x)
+            logits = self.lm_head(self.transformer.ln_f(x))
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    model = GPT()
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state_dict.items()})
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=BETAS)
+    return model, optimizer
+
+
+def torch_step(model, optimizer, x, y):
+    loss = model(x, y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.item())
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+def memory_child(framework, name, steps):
+    """Run in a subprocess: print the peak RSS rise (MiB) during `steps` training steps."""
+    cfg = CONFIGS[name]
+    x, y = make_batch(cfg)
+    model, optimizer = build_tinyllm(cfg)
+    if framework == "torch":
+        import torch
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count())))
+        model, optimizer = build_torch(cfg, model.state_dict())
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        step = torch_step
+    else:
+        step = tinyllm_step
+    import gc
+    gc.collect()
+    before = _rss_mib()
+    for _ in range(steps):
+        step(model, optimizer, x, y)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"before_mib": before, "peak_mib": peak, "rise_mib": peak - before}))
+
+
+def _rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_memory(framework, name, steps=3):
+    out = subprocess.run([sys.executable, __file__, "--memory-child", framework, "--config", name,
+                          "--steps", str(steps)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench(name, steps, warmup, profile):
+    cfg = CONFIGS[name]
+    x, y = make_batch(cfg)
+    model, optimizer = build_tinyllm(cfg)
+    print(f"\n== {name}: {cfg}  ({model.num_parameters():,} parameters)")
+    try:
+        import torch
+    except ImportError:
+        torch = None
+        print("PyTorch is not installed: timing tinyllm alone (pip install torch for the comparison)")
+    if torch is not None:
+        threads = int(os.environ.get("BENCH_THREADS", os.cpu_count()))
+        torch.set_num_threads(threads)
+        tmodel, toptimizer = build_torch(cfg, model.state_dict())
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+        loss_ours = tinyllm_step(model, optimizer, x, y)
+        loss_theirs = torch_step(tmodel, toptimizer, tx, ty)
+        print(f"first-step loss: tinyllm {loss_ours:.6f}  PyTorch {loss_theirs:.6f}  "
+              f"(|diff| {abs(loss_ours - loss_theirs):.2e}; threads {threads})")
+        if abs(loss_ours - loss_theirs) > 1e-4:
+            raise SystemExit("the two models disagree: not timing different computations")
+    if profile:
+        import cProfile
+        import pstats
+        cProfile.runctx("for _ in range(5): tinyllm_step(model, optimizer, x, y)", globals(), locals(), "/tmp/prof")
+        pstats.Stats("/tmp/prof").sort_stats("tottime").print_stats(25)
+    ours, theirs = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        tinyllm_step(model, optimizer, x, y)
+        t1 = time.perf_counter()
+        if torch is not None:
+            torch_step(tmodel, toptimizer, tx, ty)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            ours.append(t1 - t0)
+            theirs.append(t2 - t1)
+    m_ours = statistics.median(ours) * 1e3
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    print(f"tinyllm  step: median {m_ours:8.2f} ms  ({tokens / m_ours * 1e3:,.0f} tok/s)")
+    mem_ours = measure_memory("tinyllm", name)
+    result = {"config": name, "tinyllm_ms": m_ours, "tinyllm_peak_rise_mib": mem_ours["rise_mib"]}
+    if torch is not None:
+        m_theirs = statistics.median(theirs) * 1e3
+        mem_theirs = measure_memory("torch", name)
+        print(f"PyTorch  step: median {m_theirs:8.2f} ms  ({tokens / m_theirs * 1e3:,.0f} tok/s)")
+        print(f"ratio tinyllm/PyTorch: {m_ours / m_theirs:.3f}")
+        print(f"peak memory rise during steps: tinyllm {mem_ours['rise_mib']:.1f} MiB, PyTorch "
+              f"{mem_theirs['rise_mib']:.1f} MiB (ratio {mem_ours['rise_mib'] / mem_theirs['rise_mib']:.2f}); "
+              f"RSS before steps: {mem_ours['before_mib']:.0f} vs {mem_theirs['before_mib']:.0f} MiB")
+        result.update(torch_ms=m_theirs, ratio=m_ours / m_theirs, torch_peak_rise_mib=mem_theirs["rise_mib"])
+    else:
+        print(f"peak memory rise during steps: tinyllm {mem_ours['rise_mib']:.1f} MiB")
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), action="append")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="print a cProfile of five tinyllm steps")
+    p.add_argument("--memory-child", choices=["tinyllm", "torch"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child, args.config[0], args.steps)
+    print(f"numpy {np.__version__}, {os.cpu_count()} CPUs")
+    results = [bench(name, args.steps, args.warmup, args.profile) for name in (args.config or ["baby", "char"])]
+    print("\n" + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
