@@ -59,9 +59,13 @@ def xp_for(device):
 def get_array_module(*arrays):
     """numpy or cupy, whichever owns the given arrays (numpy for Python scalars)."""
     for a in arrays:
-        if _cupy is not None and isinstance(a, _cupy.ndarray):
-            return _cupy
+        if type(a).__module__.startswith("cupy"):  # works before cupy was imported by tinyllm
+            return _load_cupy() or _raise_no_cupy()
     return numpy
+
+
+def _raise_no_cupy():
+    raise RuntimeError(f"got a CuPy array but CuPy cannot run here: {_cupy_error}")
 
 
 def device_of(array):

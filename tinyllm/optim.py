@@ -11,6 +11,8 @@ A "parameter" is any object with two attributes:
 
 import math
 
+from tinyllm.backend import get_array_module
+
 __all__ = [
     "AdamW",
     "clip_grad_norm_",
@@ -18,17 +20,6 @@ __all__ = [
     "optimizer_state_to_flat",
     "optimizer_state_from_flat",
 ]
-
-
-def _xp(a):
-    """The array module (numpy or cupy) that owns array ``a``, without importing cupy needlessly."""
-    if type(a).__module__.startswith("cupy"):
-        import cupy
-
-        return cupy
-    import numpy
-
-    return numpy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +110,7 @@ class AdamW:
             eps = float(group["eps"])
             weight_decay = float(group["weight_decay"])
 
-            xp = _xp(p.data)
+            xp = get_array_module(p.data)
             state = self.state.get(index)
             if state is None:
                 state = {
@@ -216,7 +207,7 @@ class AdamW:
             if saved_index not in params:
                 raise ValueError(f"optimizer state has an entry for parameter {saved_index}, which no group lists")
             p = params[saved_index]
-            xp = _xp(p.data)
+            xp = get_array_module(p.data)
             if "step" not in entry:
                 raise ValueError(f"optimizer state of parameter {saved_index} lacks 'step'")
             restored = {"step": int(entry["step"])}
@@ -327,7 +318,7 @@ def clip_grad_norm_(params, max_norm):
     # Sum the squares on the arrays' own device and synchronise once, at float().
     total = None
     for g in grads:
-        xp = _xp(g)
+        xp = get_array_module(g)
         if g.dtype.itemsize < 4:
             g = g.astype(xp.float32)  # a float16 sum of squares overflows at 65504
         square_sum = xp.vdot(g, g).astype(xp.float64)
