@@ -105,8 +105,27 @@ class Embedding(Function):
     def backward(self, gy):
         xp = get_array_module(gy)
         gw = xp.zeros(self.w_shape, dtype=gy.dtype)          # (num, dim)
-        backend.scatter_add(gw, self.ids.reshape(-1), gy.reshape(-1, self.w_shape[1]))
+        ids, rows = self.ids.reshape(-1), gy.reshape(-1, self.w_shape[1])   # (N,), (N, dim)
+        if xp is numpy:
+            _scatter_add_rows_sorted(gw, ids, rows)
+        else:
+            backend.scatter_add(gw, ids, rows)               # atomic adds on the GPU
         return gw
+
+
+def _scatter_add_rows_sorted(target, ids, rows):
+    """target[ids] += rows with repeated ids adding up, the fast way on the CPU.
+
+    numpy.add.at does the same, one row at a time (slow); instead sort the ids so that equal ids
+    sit next to each other, sum each run of equal ids with one add.reduceat, and write every distinct
+    row once. Same result, up to the order of float additions.
+    """
+    if ids.size == 0:
+        return
+    order = numpy.argsort(ids, kind="stable")                # (N,)
+    sorted_ids = ids[order]
+    starts = numpy.flatnonzero(numpy.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
+    target[sorted_ids[starts]] += numpy.add.reduceat(rows[order], starts, axis=0)
 
 
 def embedding(ids, weight):
@@ -151,26 +170,23 @@ class LayerNorm(Function):
     #   ∂n_j/∂x_i = rstd·(δ_ij − 1/C) − n_j·n_i·rstd/C
     # so gx_i = Σ_j gn_j ∂n_j/∂x_i = rstd·(gn_i − mean(gn) − n_i·mean(gn·n)).
     def backward(self, gy):
-        n = self.x - self.mean                               # (..., C)
+        n = self.x - self.mean                               # (..., C) n, recomputed: an array we own
         n *= self.rstd
-        grads = []
-        gn = gy * self.w if self.w is not None else gy.copy()  # (..., C), ours to overwrite
+        gx = gw = gb = None
+        if self.has_weight and self.needs_input_grad[1]:
+            gw = _rows(gy * n)                               # (C,)
+        if self.has_bias and self.needs_input_grad[-1]:
+            gb = _rows(gy)                                   # (C,)
         if self.needs_input_grad[0]:
-            gn_mean = gn.mean(axis=-1, keepdims=True)          # (..., 1)
-            gn_n_mean = (gn * n).mean(axis=-1, keepdims=True)  # (..., 1)
-            gx = gn                                            # reuse gn's buffer for gx
+            gx = gy * self.w if self.w is not None else gy.copy()   # gn, then gx in place
+            gn_mean = gx.mean(axis=-1, keepdims=True)        # (..., 1) mean(gn)
+            gn_n_mean = (gx * n).mean(axis=-1, keepdims=True)   # (..., 1) mean(gn·n)
             gx -= gn_mean
-            n_scaled = n * gn_n_mean
-            gx -= n_scaled
+            n *= gn_n_mean
+            gx -= n
             gx *= self.rstd
-            grads.append(gx)
-        else:
-            grads.append(None)
-        if self.has_weight:
-            grads.append(_rows(gy * n) if self.needs_input_grad[1] else None)
-        if self.has_bias:
-            grads.append(_rows(gy) if self.needs_input_grad[-1] else None)
-        return tuple(grads)
+        grads = (gx,) + ((gw,) if self.has_weight else ()) + ((gb,) if self.has_bias else ())
+        return grads if len(grads) > 1 else gx
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
@@ -226,11 +242,10 @@ class GELU(Function):
 
     def forward(self, x):
         xp = get_array_module(x)
-        th = x * x                                           # building u = k·x·(1 + a·x²) in place
-        th *= _GELU_A
-        th += 1.0
+        th = x * x                                           # building u = k·x + k·a·x³ in place
+        th *= _GELU_K * _GELU_A
+        th += _GELU_K
         th *= x
-        th *= _GELU_K
         xp.tanh(th, out=th)                                  # th = tanh(u)
         self.x, self.th = x, th
         y = th + 1.0
@@ -238,18 +253,20 @@ class GELU(Function):
         y *= 0.5
         return y
 
-    # dy/dx = 0.5·(1 + th) + 0.5·x·(1 − th²)·du/dx,   du/dx = k·(1 + 3a·x²)
+    # dy/dx = 0.5·(1 + th) + 0.5·x·(1 − th²)·du/dx,   du/dx = k·(1 + 3a·x²) = k + 3ka·x²
     def backward(self, gy):
+        xp = get_array_module(gy)
         x, th = self.x, self.th
-        d = x * x                                            # du/dx, in place
-        d *= 3.0 * _GELU_A
-        d += 1.0
-        d *= _GELU_K
-        d *= x                                               # x·du/dx
-        d *= 1.0 - th * th                                   # x·(1 − th²)·du/dx
-        d += th
-        d += 1.0
-        d *= 0.5                                             # dy/dx
+        d = x * x                                            # 0.5·x·du/dx, in place
+        d *= 1.5 * _GELU_K * _GELU_A
+        d += 0.5 * _GELU_K
+        d *= x
+        t = th * th
+        xp.subtract(1.0, t, out=t)                           # 1 − th²
+        d *= t                                               # 0.5·x·(1 − th²)·du/dx
+        xp.multiply(th, 0.5, out=t)
+        d += t
+        d += 0.5                                             # dy/dx
         d *= gy
         return d
 
@@ -468,9 +485,10 @@ class ScaledDotProductAttention(Function):
         Hkv, S = k.shape[1], k.shape[2]
         G = H // Hkv
         self.scale = 1.0 / math.sqrt(D)
-        qg = q.reshape(B, Hkv, G * T, D)                     # (B, Hkv, G·T, D) the group's query rows
-        P = qg @ k.swapaxes(-1, -2)                          # (B, Hkv, G·T, S) scores
-        P *= self.scale
+        # q̃ = scale·q, written into a fresh contiguous array (q is often a transposed view), so that
+        # viewing it as (B, Hkv, G·T, D) stacks each group's query rows without another copy.
+        qg = xp.multiply(q, self.scale, out=xp.empty(q.shape, dtype=q.dtype)).reshape(B, Hkv, G * T, D)
+        P = qg @ k.swapaxes(-1, -2)                          # (B, Hkv, G·T, S) scores (scaled via q: T·D work)
         if self.causal:
             P5 = P.reshape(B, Hkv, G, T, S)                  # a view: row g·T + i is query i of head g
             P5 += _causal_bias(xp, T, S, P.dtype)            # (T, S) broadcast over B, Hkv, G
@@ -482,14 +500,14 @@ class ScaledDotProductAttention(Function):
         self.q_shape = q.shape
         return y.reshape(B, H, T, D)
 
-    # With S = scale·q kᵀ (+ mask), P = softmax(S) row by row, y = P v (per batch and k/v head, the
-    # group's query rows stacked):
+    # With S = q̃ kᵀ (+ mask), q̃ = scale·q, P = softmax(S) row by row, y = P v (per batch and k/v head,
+    # the group's query rows stacked):
     #   gv = Pᵀ gy                      (B, Hkv, S, D)   the matmul sums over the G·T rows: GQA for free
     #   gP = gy vᵀ                      (B, Hkv, G·T, S)
     #   gS = P ⊙ (gP − rowsum(gP ⊙ P))  softmax backward; masked P are 0, so masked gS are 0
     #        and rowsum(gP ⊙ P)_r = Σ_s P_rs (gy_r · v_s) = gy_r · y_r  (cheap: D terms, not S)
     #   gq = scale · gS k               (B, Hkv, G·T, D) -> (B, H, T, D)
-    #   gk = scale · gSᵀ q              (B, Hkv, S, D)   summed over the group by the matmul again
+    #   gk = gSᵀ q̃                      (B, Hkv, S, D)   summed over the group by the matmul again
     def backward(self, gy):
         B, Hkv, GT, D = self.y.shape
         gy = gy.reshape(B, Hkv, GT, D)                       # (B, Hkv, G·T, D) a view when contiguous
@@ -501,11 +519,12 @@ class ScaledDotProductAttention(Function):
             gS = gy @ self.v.swapaxes(-1, -2)                # gP, (B, Hkv, G·T, S)
             gS -= (gy * self.y).sum(axis=-1, keepdims=True)  # gP − rowsum(gP ⊙ P)
             gS *= P                                          # gS
-            gS *= self.scale                                 # fold the scale in once for gq and gk
             if self.needs_input_grad[0]:
-                gq = (gS @ self.k).reshape(self.q_shape)     # (B, H, T, D)
+                gq = gS @ self.k                             # (B, Hkv, G·T, D)
+                gq *= self.scale
+                gq = gq.reshape(self.q_shape)                # (B, H, T, D)
             if self.needs_input_grad[1]:
-                gk = gS.swapaxes(-1, -2) @ self.qg           # (B, Hkv, S, D)
+                gk = gS.swapaxes(-1, -2) @ self.qg           # (B, Hkv, S, D), qg is already scaled
         return gq, gk, gv
 
 
