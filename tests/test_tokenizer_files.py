@@ -38,7 +38,7 @@ def test_save_load_round_trip(tok, tmp_path):
     assert lines[1].startswith('pattern "')
     assert lines[2] == "byte_ids identity"
     assert lines[3] == f"special_tokens {len(ODD_SPECIALS)}"
-    assert lines[-1] == ""  # the file ends with a newline
+    assert lines[-2:] == ["end", ""]  # a closing line, so a cut-off file is detected
     for loaded in (BPETokenizer.load(path), load_tokenizer(path), BPETokenizer.load(str(path))):
         assert isinstance(loaded, BPETokenizer)
         assert loaded.pattern == tok.pattern
@@ -128,7 +128,10 @@ CORRUPTIONS = [
     ("merge from the future", lambda L: L[:13] + ["400 401"] + L[14:], 14, "does not exist yet"),
     ("repeated merge", lambda L: L[:14] + [L[13]] + L[15:], 15, "repeats an earlier merge"),
     ("extra line", lambda L: L + ["surprise"], None, "unexpected extra content"),
+    ("no end line", lambda L: L[:-1], None, "file ends early"),
+    ("wrong end line", lambda L: L[:-1] + ["ending"], None, "expected the closing 'end' line"),
     ("truncated", lambda L: L[:-3], None, "file ends early"),
+    ("last merge cut short", lambda L: L[:-2] + [L[-2].split("#")[0][:-4]], None, "'end' line"),
 ]
 
 
@@ -160,7 +163,7 @@ def test_every_truncation_is_refused(tok, tmp_path_factory, cut):
     tok.save(path)
     data = path.read_bytes()
     cut = cut % len(data)
-    if data[:cut].endswith(b"\n") and data[cut:].strip() == b"":
+    if data[:cut] == data[:-1]:
         return  # only the final newline was cut: still a whole file
     path.write_bytes(data[:cut])
     with pytest.raises(ValueError, match="tok.txt"):
@@ -252,10 +255,12 @@ def test_char_tokenizer_file(tmp_path):
     (["tinyllm-char v2", "chars 1", '"a"'], 1, "unsupported format version"),
     (["tinyllm-bpe v1", "chars 1", '"a"'], 1, "not a tinyllm character tokenizer file"),
     (["tinyllm-char v1", "chars 2", '"a"'], 4, "file ends early"),
-    (["tinyllm-char v1", "chars 1", '"ab"'], 3, "exactly one character"),
+    (["tinyllm-char v1", "chars 1", '"ab"', "end"], 3, "exactly one character"),
     (["tinyllm-char v1", "chars 2", '"a"', '"a"'], 4, "appears twice"),
     (["tinyllm-char v1", "chars 1", "a"], 3, "not a valid JSON string"),
-    (["tinyllm-char v1", "chars 1", '"a"', '"b"'], 4, "unexpected extra content"),
+    (["tinyllm-char v1", "chars 1", '"a"', '"b"'], 4, "expected the closing 'end' line"),
+    (["tinyllm-char v1", "chars 1", '"a"', "end", "x"], 5, "unexpected extra content"),
+    (["tinyllm-char v1", "chars 1", '"a"'], 4, "file ends early"),
     (["tinyllm-char v1", "chars 0"], 2, "at least one character"),
     (["tinyllm-char v1", "chars -1"], 2, "non-negative integer"),
 ])

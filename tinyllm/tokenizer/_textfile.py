@@ -90,6 +90,10 @@ class LineReader:
         return value
 
     def expect_end(self):
+        """Read the closing 'end' line (its absence means the file was cut short), then require EOF."""
+        line = self.next("the closing 'end' line")
+        if line != "end":
+            raise self.error(f"expected the closing 'end' line, found {line[:60]!r}")
         if self.number < len(self.lines):
             raise self.error(f"unexpected extra content {self.lines[self.number][:60]!r}",
                              self.number + 1)

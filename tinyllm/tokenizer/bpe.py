@@ -236,12 +236,13 @@ def merge_heap(ids, ranks):
     return [t for t in tokens if t >= 0]
 
 
-def _surrogate_error(text, exc):
-    bad = text[exc.start]
+def _surrogate_error(text):
+    """The error for text that UTF-8 cannot encode, pointing at the first lone surrogate."""
+    match = regex.search("[\ud800-\udfff]", text)
+    where = f" {match.group()!r} at index {match.start()}" if match else ""
     return ValueError(
-        f"cannot encode text containing the lone surrogate {bad!r} at index {exc.start}: "
-        "UTF-8 has no bytes for it (fix the text, e.g. text.encode('utf-8', 'replace').decode())"
-    )
+        f"cannot encode text containing the lone surrogate{where}: UTF-8 has no bytes for it "
+        "(clean the text first, e.g. text.encode('utf-8', 'replace').decode('utf-8'))")
 
 
 # ----------------------------------------------------------------------------
@@ -388,8 +389,8 @@ class BPETokenizer:
             chunk_counts.update(self._split(segment))
         try:
             byte_counts = {chunk.encode("utf-8"): count for chunk, count in chunk_counts.items()}
-        except UnicodeEncodeError as exc:
-            raise _surrogate_error(exc.object, exc) from None
+        except UnicodeEncodeError:
+            raise _surrogate_error(text) from None
 
         merge_list = train_merges(byte_counts, num_merges)
         self._set_model(merge_list, special_tokens, None, trained=True)
@@ -419,10 +420,7 @@ class BPETokenizer:
 
     def _encode_chunk(self, chunk):
         """Ids of one chunk (public ids), through the single-token fast path or BPE."""
-        try:
-            data = chunk.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise _surrogate_error(chunk, exc) from None
+        data = chunk.encode("utf-8")  # UnicodeEncodeError for a lone surrogate: see encode_ordinary
         token = self._single.get(data)
         if token is not None:
             ids = [token]
@@ -448,11 +446,14 @@ class BPETokenizer:
         extend = out.extend
         cache_get = self._cache.get
         encode_chunk = self._encode_chunk
-        for chunk in self._split(text):
-            ids = cache_get(chunk)
-            if ids is None:
-                ids = encode_chunk(chunk)
-            extend(ids)
+        try:
+            for chunk in self._split(text):
+                ids = cache_get(chunk)
+                if ids is None:
+                    ids = encode_chunk(chunk)
+                extend(ids)
+        except UnicodeEncodeError:
+            raise _surrogate_error(text) from None
         return out
 
     def encode(self, text, allowed_special=(), disallowed_special="all"):
@@ -630,6 +631,7 @@ class BPETokenizer:
             merges <count>
             <left> <right>  # "<bytes>"  (public ids; merge k creates id 256 + k;
                                           the comment shows the new token's bytes)
+            end                          (so that a cut-off file is detected)
         """
         lines = [FORMAT_HEADER, "pattern " + json.dumps(self.pattern)]
         if self._byte_ids is None:
@@ -644,6 +646,7 @@ class BPETokenizer:
         for k, (left, right) in enumerate(self._merge_list):
             shown = json.dumps(self._vocab[256 + k].decode("utf-8", errors="backslashreplace"))
             lines.append(f"{pub[left]} {pub[right]}  # {shown}")
+        lines.append("end")
         write_atomic(path, "\n".join(lines) + "\n")
 
     @classmethod

@@ -65,9 +65,10 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
     def save(self, path):
-        """Write a versioned text file: the header, 'chars N', then one JSON string per id."""
+        """Write a versioned text file: the header, 'chars N', one JSON string per id, 'end'."""
         lines = [FORMAT_HEADER, f"chars {len(self.chars)}"]
         lines.extend(json.dumps(char) for char in self.chars)
+        lines.append("end")
         write_atomic(path, "\n".join(lines) + "\n")
 
     @classmethod
