@@ -480,3 +480,38 @@ def test_torch_attention(B, H, Hkv, T, S, D, causal):
     np.testing.assert_allclose(y.numpy(), ty.detach().numpy(), rtol=1e-12, atol=1e-12)
     for a, b in zip(mine, theirs):
         np.testing.assert_allclose(a.grad, b.grad.numpy(), rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_float32_agrees_with_float64(index):
+    name, fn, inputs64 = _all_layers("float64")[index]
+    _, _, inputs32 = _all_layers("float32")[index]
+    if name == "dropout":
+        tl.manual_seed(0)
+    y64 = fn(*inputs64)
+    if name == "dropout":
+        tl.manual_seed(0)
+    y32 = fn(*inputs32)
+    gy = np.random.default_rng(1).standard_normal(y64.shape)
+    y64.backward(gy)
+    y32.backward(gy.astype(np.float32))
+    np.testing.assert_allclose(y32.numpy(), y64.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+    for a, b in zip(inputs32, inputs64):
+        np.testing.assert_allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu"])
+def test_activations_at_extreme_inputs(name):
+    x = leaf(np.array([-1e4, -30.0, 0.0, 30.0, 1e4]), "float32")
+    y = getattr(F, name)(x)
+    y.backward(np.ones(5, dtype=np.float32))
+    np.testing.assert_allclose(y.numpy(), [0, 0, 0, 30, 1e4], atol=1e-6)
+    np.testing.assert_allclose(x.grad, [0, 0, 0.5, 1, 1], atol=1e-6)
+
+
+def test_layer_norm_float32_with_a_large_offset():
+    """Two-pass variance: an offset of 1e3 does not wipe out the variance of a float32 row."""
+    x = np.random.default_rng(0).standard_normal((4, 64))
+    y32 = F.layer_norm(tl.tensor(x + 1e3, dtype="float32")).numpy()
+    y64 = F.layer_norm(tl.tensor(x, dtype="float64")).numpy()
+    np.testing.assert_allclose(y32, y64, atol=2e-4)
