@@ -32,6 +32,22 @@ def _rows(g):
     return g.reshape(-1, g.shape[-1]).sum(axis=0)
 
 
+def _rows_dot(a, b):
+    """Σ_rows a ⊙ b: (..., C), (..., C) -> (C,), without the temporary a * b (einsum fuses the two)."""
+    C = a.shape[-1]
+    return get_array_module(a).einsum("nc,nc->c", a.reshape(-1, C), b.reshape(-1, C))
+
+
+def _mean_last(a):
+    """Mean over the last axis, kept as size 1: (..., C) -> (..., 1) (einsum: faster than .mean here)."""
+    return get_array_module(a).einsum("...c->...", a)[..., None] / a.shape[-1]
+
+
+def _dot_last(a, b):
+    """Σ_c a ⊙ b over the last axis, kept as size 1: (..., C), (..., C) -> (..., 1), no temporary."""
+    return get_array_module(a).einsum("...c,...c->...", a, b)[..., None]
+
+
 def _raw_int_array(a, like, what):
     """ids/targets given as an int Tensor, an array or a list -> a raw integer array next to `like`."""
     if isinstance(a, Tensor):
@@ -152,9 +168,9 @@ class LayerNorm(Function):
         w = params[0] if self.has_weight else None
         b = params[-1] if self.has_bias else None
         xp = get_array_module(x)
-        mean = x.mean(axis=-1, keepdims=True)                # (..., 1)
+        mean = _mean_last(x)                                 # (..., 1)
         y = x - mean                                         # (..., C) centred x, an array we own
-        var = (y * y).mean(axis=-1, keepdims=True)           # (..., 1) biased variance
+        var = _dot_last(y, y) / x.shape[-1]                  # (..., 1) biased variance
         rstd = 1.0 / xp.sqrt(var + self.eps)                 # (..., 1)
         y *= rstd                                            # n = (x - mean) * rstd
         self.x, self.mean, self.rstd, self.w = x, mean, rstd, w   # n is recomputed in backward
@@ -174,13 +190,13 @@ class LayerNorm(Function):
         n *= self.rstd
         gx = gw = gb = None
         if self.has_weight and self.needs_input_grad[1]:
-            gw = _rows(gy * n)                               # (C,)
+            gw = _rows_dot(gy, n)                            # (C,)
         if self.has_bias and self.needs_input_grad[-1]:
             gb = _rows(gy)                                   # (C,)
         if self.needs_input_grad[0]:
             gx = gy * self.w if self.w is not None else gy.copy()   # gn, then gx in place
-            gn_mean = gx.mean(axis=-1, keepdims=True)        # (..., 1) mean(gn)
-            gn_n_mean = (gx * n).mean(axis=-1, keepdims=True)   # (..., 1) mean(gn·n)
+            gn_mean = _mean_last(gx)                         # (..., 1) mean(gn)
+            gn_n_mean = _dot_last(gx, n) / n.shape[-1]       # (..., 1) mean(gn·n)
             gx -= gn_mean
             n *= gn_n_mean
             gx -= n
@@ -204,7 +220,7 @@ class RMSNorm(Function):
     def forward(self, x, *params):
         w = params[0] if self.has_weight else None
         xp = get_array_module(x)
-        rstd = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)   # (..., 1)
+        rstd = 1.0 / xp.sqrt(_dot_last(x, x) / x.shape[-1] + self.eps)   # (..., 1)
         y = x * rstd                                         # (..., C) n = x·rstd
         self.x, self.rstd, self.w = x, rstd, w
         if w is not None:
@@ -214,14 +230,16 @@ class RMSNorm(Function):
     # With n = x·rstd, y = n·w:  gw = Σ_rows gy·n,  gn = gy·w, and since ∂rstd/∂x_i = −rstd³·x_i/C,
     #   ∂n_j/∂x_i = rstd·δ_ij − n_j·n_i·rstd/C   so   gx = rstd·(gn − n·mean(gn·n)).
     def backward(self, gy):
-        n = self.x * self.rstd                               # (..., C)
+        n = self.x * self.rstd                               # (..., C) an array we own
         gx = gw = None
+        if self.has_weight and self.needs_input_grad[1]:
+            gw = _rows_dot(gy, n)                            # (C,)
         if self.needs_input_grad[0]:
             gx = gy * self.w if self.w is not None else gy.copy()   # gn, then gx in place
-            gx -= n * (gx * n).mean(axis=-1, keepdims=True)
+            gn_n_mean = _dot_last(gx, n) / n.shape[-1]       # (..., 1) mean(gn·n)
+            n *= gn_n_mean
+            gx -= n
             gx *= self.rstd
-        if self.has_weight and self.needs_input_grad[1]:
-            gw = _rows(gy * n)
         return (gx, gw) if self.has_weight else gx
 
 
@@ -517,7 +535,7 @@ class ScaledDotProductAttention(Function):
             gv = P.swapaxes(-1, -2) @ gy                     # (B, Hkv, S, D)
         if self.needs_input_grad[0] or self.needs_input_grad[1]:
             gS = gy @ self.v.swapaxes(-1, -2)                # gP, (B, Hkv, G·T, S)
-            gS -= (gy * self.y).sum(axis=-1, keepdims=True)  # gP − rowsum(gP ⊙ P)
+            gS -= _dot_last(gy, self.y)                      # gP − rowsum(gP ⊙ P), as gy·y
             gS *= P                                          # gS
             if self.needs_input_grad[0]:
                 gq = gS @ self.k                             # (B, Hkv, G·T, D)
