@@ -75,11 +75,25 @@ def test_id_layout(gpt2, encoder):
 def test_every_gpt2_token_encodes_to_itself(gpt2):
     # GPT-2's merges are self-consistent: each token's bytes, merged on their own,
     # give back that token (as for merges learned by train(); see docs/tokenizer.md).
+    # This is what lets bpe.SELF_CONSISTENT_MERGES list GPT-2's merges.
     from tinyllm.tokenizer.bpe import merge_small
 
     ranks = gpt2._ranks
     for internal_id, data in enumerate(gpt2._vocab):
         assert merge_small(list(data), ranks) == [internal_id]
+
+
+def test_gpt2_gets_the_full_single_token_table(gpt2, tmp_path):
+    from tinyllm.tokenizer.bpe import SELF_CONSISTENT_MERGES, merges_digest
+
+    assert SELF_CONSISTENT_MERGES[merges_digest(gpt2._merge_list)] == "GPT-2"
+    assert len(BPETokenizer.from_gpt2(ENCODER, VOCAB)._single) == 50256
+    gpt2.save(tmp_path / "gpt2.tok")
+    assert len(BPETokenizer.load(tmp_path / "gpt2.tok")._single) == 50256
+    # Any other merge list starts from the 256 bytes and learns.
+    other = BPETokenizer.from_gpt2(ENCODER, VOCAB)
+    other._set_model(gpt2._merge_list[:-1], {}, gpt2._byte_ids, trained=False)
+    assert len(other._single) == 256
 
 
 def test_very_long_chunks(gpt2, encoder):

@@ -14,9 +14,13 @@ Two id spaces:
                   single-byte ids are a permutation of 0..255 (merge ids match).
 """
 
+import hashlib
 import heapq
 import json
+import sys
+from array import array
 from collections import Counter
+from itertools import chain
 
 import regex
 
@@ -34,6 +38,14 @@ CACHE_MAX_CHUNK = 64
 # Chunks of at most this many bytes are merged by rescanning (tiny constant);
 # longer ones by the O(n log n) linked-list + heap method.
 SMALL_CHUNK = 32
+
+# Merge lists known to be self-consistent (every token's bytes, encoded alone, give that
+# token), by the SHA-256 of merges_digest.  Merges learned by train() always are; others
+# must be checked, and checking 50,000 tokens costs more than the fast path saves on
+# a few MB.  GPT-2's list is checked once and for all by tests/test_tokenizer_gpt2.py.
+SELF_CONSISTENT_MERGES = {
+    "75c0191f7a30bdd81ebc35d351e72f02c396606c6e46ee0497ae4e2f0704d0bf": "GPT-2",
+}
 
 
 # ----------------------------------------------------------------------------
@@ -236,6 +248,15 @@ def merge_heap(ids, ranks):
     return [t for t in tokens if t >= 0]
 
 
+def merges_digest(merge_list):
+    """SHA-256 (hex) of a merge list in internal ids, as little-endian 32-bit integers."""
+    typecode = next(code for code in "IL" if array(code).itemsize == 4)
+    numbers = array(typecode, chain.from_iterable(merge_list))
+    if sys.byteorder == "big":
+        numbers.byteswap()
+    return hashlib.sha256(numbers.tobytes()).hexdigest()
+
+
 def _surrogate_error(text):
     """The error for text that UTF-8 cannot encode, pointing at the first lone surrogate."""
     match = regex.search("[\ud800-\udfff]", text)
@@ -268,7 +289,8 @@ class BPETokenizer:
         """Install merges (internal ids, in order), specials (public ids) and the byte permutation.
 
         trained says the merges come from train(), which guarantees that every
-        token, encoded on its own, comes out as itself (see _init_single).
+        token, encoded on its own, comes out as itself (see _init_single); so do
+        the merge lists in SELF_CONSISTENT_MERGES.
         """
         self._merge_list = list(merge_list)
         self._ranks = {pair: 256 + k for k, pair in enumerate(self._merge_list)}
@@ -287,6 +309,8 @@ class BPETokenizer:
         self._special_tokens = dict(special_tokens)
         for text, token_id in self._special_tokens.items():
             self._decoder[token_id] = text.encode("utf-8")
+        if not trained and self._merge_list:
+            trained = merges_digest(self._merge_list) in SELF_CONSISTENT_MERGES
         self._init_single(trained)
         self._cache = {}
         self._special_regexes = {}
@@ -296,12 +320,12 @@ class BPETokenizer:
 
         A chunk of one byte is always its byte's token.  For merges learned by
         train() every token qualifies: a token's bytes, encoded alone, replay
-        the merges that built it (docs/tokenizer.md).  Merges from elsewhere
-        (GPT-2's files, a saved file someone may have edited) carry no such
-        guarantee, and checking all of them up front costs more than it saves,
-        so the table starts with the bytes and learns every chunk that BPE
-        turns into a single token.  Either way the fast path never changes an
-        answer, only the time.
+        the merges that built it (docs/tokenizer.md); so does every token of a
+        merge list known to be self-consistent (GPT-2's).  Other merges (a saved
+        file someone may have edited) carry no such guarantee, and checking all
+        of them up front costs more than it saves, so the table starts with the
+        bytes and learns every chunk that BPE turns into a single token.  Either
+        way the fast path never changes an answer, only the time.
         """
         to_public = self._to_public or range(len(self._vocab))
         count = len(self._vocab) if trained else 256
