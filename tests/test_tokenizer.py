@@ -384,6 +384,7 @@ def test_decode_accepts_iterables(trained):
     assert trained.decode(tuple(ids)) == "hello there"
     np = pytest.importorskip("numpy")
     assert trained.decode(np.array(ids)) == "hello there"
+    assert trained.decode(list(np.array(ids))) == "hello there"  # a list of NumPy integers
 
 
 def test_merges_and_vocab_are_copies(trained):

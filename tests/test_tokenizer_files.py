@@ -227,6 +227,16 @@ def test_char_tokenizer_errors():
         CharTokenizer.from_text("")
     with pytest.raises(TypeError):
         CharTokenizer.from_text(b"abc")
+    with pytest.raises(TypeError):
+        ct.encode(b"abc")
+
+
+def test_char_tokenizer_accepts_numpy_ids():
+    np = pytest.importorskip("numpy")
+    ct = CharTokenizer.from_text("hello")
+    ids = np.array(ct.encode("hello"))
+    assert ct.decode(ids) == "hello"
+    assert ct.decode(list(ids)) == "hello"  # a list of NumPy integers
 
 
 @settings(max_examples=100, deadline=None)

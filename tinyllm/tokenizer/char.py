@@ -6,6 +6,7 @@ it cannot encode a character it has not seen.
 """
 
 import json
+import operator
 
 from ._textfile import LineReader, write_atomic
 
@@ -39,6 +40,8 @@ class CharTokenizer:
         return len(self.chars)
 
     def encode(self, text):
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
         stoi = self._stoi
         try:
             return [stoi[char] for char in text]
@@ -56,9 +59,13 @@ class CharTokenizer:
             ids = ids.tolist()
         out = []
         for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(chars):
+            try:
+                index = operator.index(i)  # any integer type (NumPy's too), but not 1.0 or "1"
+            except TypeError:
+                index = -1
+            if isinstance(i, bool) or not 0 <= index < len(chars):
                 raise ValueError(f"unknown token id {i!r}: this CharTokenizer has ids 0 to {len(chars) - 1}")
-            out.append(chars[i])
+            out.append(chars[index])
         return "".join(out)
 
     def __repr__(self):
