@@ -58,7 +58,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".." / "shared" / "data")
     parser.add_argument("--vocabs", default="512,1024,4096,8192", help="vocab sizes for the fast trainer")
     parser.add_argument("--naive-vocabs", default="512,1024",
-                        help="vocab sizes for the naive trainer (slow: ~8 s at 512, ~20 s at 1024)")
+                        help="vocab sizes for the naive trainer (slow: about 8 s at 512, 22 s at 1024)")
     parser.add_argument("--naive-chars", type=int, default=0,
                         help="train the naive (and, for the ratio, the fast) trainer on only this many "
                              "characters (0 = the whole corpus)")
