@@ -164,11 +164,31 @@ def test_attention_matches_composed(B, H, Hkv, T, S, D, causal):
                 lambda q, k, v: R.scaled_dot_product_attention(q, k, v, causal=causal), arrays)
 
 
+def test_attention_on_transposed_views_as_the_model_passes_them():
+    """q, k, v as (B, T, heads, D) -> (B, heads, T, D) transposed views; the upstream gradient too."""
+    B, T, H, Hkv, D = 2, 5, 4, 2, 3
+    arrays = [randn(B, T, H, D), randn(B, T, Hkv, D), randn(B, T, Hkv, D)]
+    up = np.random.default_rng(0).standard_normal((B, T, H, D))
+
+    def run_with(f):
+        leaves = [leaf(a) for a in arrays]
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in leaves)
+        y = f(q, k, v).transpose(0, 2, 1, 3)   # back to (B, T, H, D): gy arrives transposed
+        y.backward(up)
+        return y.numpy(), [t.grad for t in leaves]
+    y1, g1 = run_with(F.scaled_dot_product_attention)
+    y2, g2 = run_with(R.scaled_dot_product_attention)
+    np.testing.assert_allclose(y1, y2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_causal_attention_is_aligned_to_the_end_as_a_kv_cache_needs():
     """The last T queries against all S keys == the last T rows of full causal attention over S."""
     B, H, Hkv, S, D, T = 2, 4, 2, 7, 3, 3
     q = tl.tensor(randn(B, H, S, D))
-    k, v = tl.tensor(randn(B, Hkv, S, D)), tl.tensor(randn(B, Hkv, S, D))
+    # k and v as a KV cache holds them: the filled prefix of a longer buffer (a non-contiguous view)
+    k, v = (tl.Tensor(randn(B, Hkv, S + 4, D)[:, :, :S]) for _ in range(2))
     full = F.scaled_dot_product_attention(q, k, v).numpy()
     tail = F.scaled_dot_product_attention(q[:, :, S - T:], k, v).numpy()
     np.testing.assert_allclose(tail, full[:, :, S - T:], rtol=1e-12, atol=1e-12)
@@ -313,8 +333,12 @@ def test_embedding_errors():
 
 
 def test_linear_and_attention_errors():
-    with pytest.raises(ValueError, match="x has 4 features but weight"):
+    with pytest.raises(ValueError, match=r"x of shape \(2, 4\) \(..., in\) does not fit weight \(3, 5\)"):
         F.linear(leaf(randn(2, 4)), leaf(randn(3, 5)))
+    with pytest.raises(ValueError, match="does not fit"):
+        F.linear(leaf(randn(2, 4)), leaf(randn(4)))
+    with pytest.raises(ValueError, match=r"bias of shape \(4,\) should be \(3,\)"):
+        F.linear(leaf(randn(2, 4)), leaf(randn(3, 4)), leaf(randn(4)))
     q, k = leaf(randn(1, 3, 2, 4)), leaf(randn(1, 2, 2, 4))
     with pytest.raises(ValueError, match="H % Hkv"):
         F.scaled_dot_product_attention(q, k, k)

@@ -73,8 +73,10 @@ class Linear(Function):
     """x (..., in), W (out, in), b (out,) -> y (..., out), as ONE 2-D matrix product."""
 
     def forward(self, x, w, b=None):
-        if x.shape[-1] != w.shape[1]:
-            raise ValueError(f"linear: x has {x.shape[-1]} features but weight {w.shape} expects {w.shape[1]}")
+        if w.ndim != 2 or x.ndim == 0 or x.shape[-1] != w.shape[1]:
+            raise ValueError(f"linear: x of shape {x.shape} (..., in) does not fit weight {w.shape} (out, in)")
+        if b is not None and b.shape != (w.shape[0],):
+            raise ValueError(f"linear: bias of shape {b.shape} should be ({w.shape[0]},) for weight {w.shape}")
         self.x_shape = x.shape
         self.x2 = x.reshape(-1, x.shape[-1])      # (N, in): every leading axis is one more row
         self.w = w                                # (out, in)
