@@ -36,7 +36,7 @@ CACHE_SIZE = 1 << 16
 CACHE_MAX_CHUNK = 64
 
 # Chunks of at most this many bytes are merged by rescanning (tiny constant);
-# longer ones by the O(n log n) linked-list + heap method.
+# longer ones in O(n log n) by merge_heap (linked list, rank buckets, heap of ranks).
 SMALL_CHUNK = 32
 
 # Merge lists known to be self-consistent (every token's bytes, encoded alone, give that
