@@ -12,7 +12,6 @@ set size during the steps over the resident size just before them (weights and b
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -152,8 +151,15 @@ def memory_child(framework, name, steps):
     before = _rss_mib()
     for _ in range(steps):
         step(model, optimizer, x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mib()
     print(json.dumps({"before_mib": before, "peak_mib": peak, "rise_mib": peak - before}))
+
+
+def _peak_rss_mib():
+    # VmHWM is this process's own high-water mark; ru_maxrss would include the parent's RSS at fork
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def _rss_mib():

@@ -16,21 +16,21 @@ from tinyllm import autograd
 
 def traced_backward(root):
     """The same loop as tinyllm.autograd.backward, with prints (read the two side by side)."""
-    grads = {id(root): np.ones_like(root.data)}
-    for step, t in enumerate(autograd._topological_order(root)):
-        g = grads.pop(id(t), None)
-        if t._ctx is None:  # a leaf: its gradient is final
-            print(f"leaf   {t.name:>7}: grad = {g}")
-            t.grad = g
+    grads = {id(root._ctx): np.ones_like(root.data)}
+    for step, node in enumerate(autograd._topological_order(root._ctx)):
+        g = grads.pop(id(node), None)
+        if isinstance(node, tl.Tensor):  # a leaf: its gradient is final
+            print(f"leaf   {node.name:>7}: grad = {np.round(g, 4).tolist()}")
+            node.grad = g
             continue
-        fn = t._ctx
+        fn = node
         gxs = fn.backward(g)  # <- step into this line to see the op's own derivative
         gxs = gxs if isinstance(gxs, tuple) else (gxs,)
         sent = [None if gx is None else np.round(gx, 4).tolist() for gx in gxs]
         print(f"step {step}: {fn.name:>6}.backward  gets {np.round(g, 4).tolist()}  sends {sent}")
-        for x, gx in zip(fn.inputs, gxs):
-            if gx is not None and x.requires_grad:
-                grads[id(x)] = grads[id(x)] + gx if id(x) in grads else gx
+        for parent, gx in zip(fn.parents, gxs):
+            if parent is not None and gx is not None:
+                grads[id(parent)] = grads[id(parent)] + gx if id(parent) in grads else gx
 
 
 def main():

@@ -7,13 +7,19 @@ to the gradients of the inputs (a vector-Jacobian product). Calling a Function r
 
     x --Exp--> y --Sum--> loss          loss.backward() walks it from right to left.
 
+The graph links Functions, not tensors: each Function records, for every input that needs a
+gradient, the input's creator (or the input itself when it is a leaf such as a parameter). So an
+intermediate array lives only as long as someone uses it: the user, or a Function that saved it
+for its backward. This is what keeps activation memory down to what backward really needs.
+
 Memory rules (they are what keep long training runs flat):
 - a Function keeps only what its backward needs, and `backward` releases it (retain_graph=False);
-- tensors point to their creator, creators point to their inputs, nothing points forward, so the
-  graph has no reference cycles and is freed by reference counting as soon as the loss goes away;
+- tensors point to their creator, creators point to their parents' creators, nothing points forward,
+  so the graph has no reference cycles and is freed by reference counting when the loss goes away;
 - gradients of intermediate tensors are dropped once used, unless `retain_grad()` asked to keep them.
 """
 import contextlib
+import weakref
 
 import numpy
 
@@ -59,6 +65,7 @@ class Function:
     Constant settings (an axis, an eps, integer ids) go to `__init__`. `backward` must not modify
     `gy` in place: the same array may be handed to several inputs. `self.needs_input_grad[i]` says
     whether input i wants a gradient, so a backward can skip work nobody asked for.
+    After the call, `self.parents` holds the graph edges (see the module docstring).
     Every subclass is registered in `OPS` by its class name; pass `register=False` for helpers.
     """
 
@@ -77,8 +84,10 @@ class Function:
         needs_grad = _grad_enabled and any(t.requires_grad for t in tensors)
         out = Tensor(y, requires_grad=needs_grad)
         if needs_grad:
-            self.inputs = tensors
+            # graph edges: what made each input (its creator, or the leaf itself); None: no grad needed
+            self.parents = tuple((t._ctx or t) if t.requires_grad else None for t in tensors)
             self.needs_input_grad = tuple(t.requires_grad for t in tensors)
+            self.out_shape, self.out_dtype = y.shape, y.dtype
             out._ctx = self
         return out
 
@@ -88,10 +97,12 @@ class Function:
     def backward(self, gy):
         raise NotImplementedError(f"{type(self).__name__}.backward")
 
+    _retained = None  # weak reference to the output when the user called retain_grad() on it
+
     def release(self):
-        """Drop inputs and saved arrays once backward has used them."""
+        """Drop the edges and saved arrays once backward has used them."""
         self.__dict__.clear()
-        self.inputs = None
+        self.parents = None
 
     @property
     def name(self):
@@ -151,7 +162,6 @@ class Tensor:
         self.grad = None
         self.requires_grad = requires_grad
         self._ctx = None      # the Function that produced this tensor (None for a leaf)
-        self._retain = False  # keep .grad even though this is not a leaf
 
     # --- what the tensor is -------------------------------------------------------------------
     shape = property(lambda self: self.data.shape)
@@ -202,7 +212,8 @@ class Tensor:
 
     def retain_grad(self):
         """Keep this non-leaf tensor's gradient in .grad after backward (leaves always keep it)."""
-        self._retain = True
+        if self._ctx is not None:
+            self._ctx._retained = weakref.ref(self)
         return self
 
     # --- backward -----------------------------------------------------------------------------
@@ -227,30 +238,33 @@ def backward(root, grad=None, retain_graph=False):
         if grad.shape != root.shape:
             raise ValueError(f"backward(grad=...) got shape {grad.shape}, expected {root.shape}")
 
-    grads = {id(root): grad}  # gradients waiting to be pushed further, keyed by tensor id
-    for t in _topological_order(root):
-        g = grads.pop(id(t), None)
-        if g is None:  # nothing flowed into t (e.g. only a non-differentiable path)
+    start = root._ctx or root  # graph nodes are Functions, plus the leaves at the ends
+    grads = {id(start): grad}  # gradients waiting to be pushed further, keyed by node
+    for node in _topological_order(start):
+        g = grads.pop(id(node), None)
+        if g is None:  # nothing flowed into this node (e.g. only a non-differentiable path)
             continue
-        if t._ctx is None or t._retain:  # a leaf, or a tensor whose grad the user asked to keep
-            _accumulate(t, g)
-        fn = t._ctx
-        if fn is None:
+        if isinstance(node, Tensor):  # a leaf: its gradient is complete
+            _accumulate(node, g)
             continue
-        if fn.inputs is None:
+        fn = node
+        if fn._retained is not None and fn._retained() is not None:  # the user asked to keep this grad
+            _accumulate(fn._retained(), g)
+        if fn.parents is None:
             raise RuntimeError("backward through a graph a second time: its saved arrays were freed by "
                                "the first backward; pass retain_graph=True to the first call")
         gxs = fn.backward(g)
         if not isinstance(gxs, tuple):
             gxs = (gxs,)
-        for x, gx in zip(fn.inputs, gxs):
-            if gx is None or not x.requires_grad:
+        for parent, gx in zip(fn.parents, gxs):
+            if parent is None or gx is None:
                 continue
-            if gx.shape != x.shape:
+            expected = parent.shape if isinstance(parent, Tensor) else parent.out_shape
+            if gx.shape != expected:
                 raise RuntimeError(f"{fn.name}.backward returned a gradient of shape {gx.shape} "
-                                   f"for an input of shape {x.shape}")
+                                   f"for an input of shape {expected}")
             # a new array rather than +=: gx may be the very array another input also received
-            grads[id(x)] = grads[id(x)] + gx if id(x) in grads else gx
+            grads[id(parent)] = grads[id(parent)] + gx if id(parent) in grads else gx
         if not retain_graph:
             fn.release()
 
@@ -263,25 +277,31 @@ def _accumulate(t, g):
         t.grad += g
 
 
-def _topological_order(root):
-    """Tensors reachable from root, each after every tensor that uses it (iterative DFS, no recursion)."""
+def _topological_order(start):
+    """Graph nodes reachable from start, each after every node that uses it (iterative DFS, no recursion)."""
     order, visited = [], set()
-    stack = [(root, False)]
+    stack = [(start, False)]
     while stack:
-        t, children_done = stack.pop()
+        node, children_done = stack.pop()
         if children_done:
-            order.append(t)
+            order.append(node)
             continue
-        if id(t) in visited:
+        if id(node) in visited:
             continue
-        visited.add(id(t))
-        stack.append((t, True))
-        if t._ctx is not None and t._ctx.inputs is not None:
-            for x in t._ctx.inputs:
-                if x.requires_grad and id(x) not in visited:
-                    stack.append((x, False))
-    order.reverse()  # post-order reversed: root first, leaves last
+        visited.add(id(node))
+        stack.append((node, True))
+        for parent in _parents(node):
+            if id(parent) not in visited:
+                stack.append((parent, False))
+    order.reverse()  # post-order reversed: the start first, leaves last
     return order
+
+
+def _parents(node):
+    """The nodes a node's inputs came from (none for a leaf tensor or a freed Function)."""
+    if isinstance(node, Tensor) or node.parents is None:
+        return ()
+    return [p for p in node.parents if p is not None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy
 
 from tinyllm import backend
-from tinyllm.autograd import Tensor, no_grad
+from tinyllm.autograd import Tensor, _topological_order, no_grad
 
 MAX_ELEMENTWISE = 256   # inputs up to this size are checked element by element
 DIRECTIONS = 3          # random directions for larger inputs ...
@@ -41,15 +41,9 @@ def _error(analytic, numeric):
 
 def _op_names(y):
     """Names of the Functions in the graph that produced y."""
-    names, seen, stack = set(), set(), [y]
-    while stack:
-        t = stack.pop()
-        if id(t) in seen or t._ctx is None:
-            continue
-        seen.add(id(t))
-        names.add(t._ctx.name)
-        stack.extend(t._ctx.inputs)
-    return names
+    if y._ctx is None:
+        return set()
+    return {node.name for node in _topological_order(y._ctx) if not isinstance(node, Tensor)}
 
 
 def gradcheck(fn, inputs, *, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
