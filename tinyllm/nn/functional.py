@@ -258,25 +258,25 @@ _GELU_A = 0.044715
 
 
 class GELU(Function):
-    """GELU, tanh approximation (GPT-2): y = 0.5·x·(1 + tanh(k·(x + a·x³))), k = sqrt(2/π), a = 0.044715."""
+    """GELU, tanh approximation (GPT-2): y = 0.5·x·(1 + tanh(k·(x + a·x³))), k = sqrt(2/π), a = 0.044715.
+
+    Saves only x: tanh(u) is recomputed in backward. Keeping it would hold one more (N, 4C) array
+    per block until backward, the largest activation of the model, for about 5 cheap passes.
+    """
 
     def forward(self, x):
-        xp = get_array_module(x)
-        th = x * x                                           # building u = k·x + k·a·x³ in place
-        th *= _GELU_K * _GELU_A
-        th += _GELU_K
+        self.x = x
+        th = _gelu_tanh(x)                                   # tanh(u)
+        th += 1.0
         th *= x
-        xp.tanh(th, out=th)                                  # th = tanh(u)
-        self.x, self.th = x, th
-        y = th + 1.0
-        y *= x
-        y *= 0.5
-        return y
+        th *= 0.5                                            # y = 0.5·x·(1 + tanh u)
+        return th
 
     # dy/dx = 0.5·(1 + th) + 0.5·x·(1 − th²)·du/dx,   du/dx = k·(1 + 3a·x²) = k + 3ka·x²
     def backward(self, gy):
         xp = get_array_module(gy)
-        x, th = self.x, self.th
+        x = self.x
+        th = _gelu_tanh(x)                                   # recomputed: th = tanh(u)
         d = x * x                                            # 0.5·x·du/dx, in place
         d *= 1.5 * _GELU_K * _GELU_A
         d += 0.5 * _GELU_K
@@ -284,11 +284,20 @@ class GELU(Function):
         t = th * th
         xp.subtract(1.0, t, out=t)                           # 1 − th²
         d *= t                                               # 0.5·x·(1 − th²)·du/dx
-        xp.multiply(th, 0.5, out=t)
-        d += t
+        th *= 0.5
+        d += th
         d += 0.5                                             # dy/dx
         d *= gy
         return d
+
+
+def _gelu_tanh(x):
+    """tanh(k·(x + a·x³)) in one fresh array, built in place."""
+    th = x * x
+    th *= _GELU_K * _GELU_A
+    th += _GELU_K
+    th *= x                                                  # u = k·x + k·a·x³
+    return get_array_module(x).tanh(th, out=th)
 
 
 def gelu(x):
