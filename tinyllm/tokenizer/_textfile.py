@@ -64,6 +64,16 @@ class LineReader:
         self.number += 1
         return self.lines[self.number - 1]
 
+    def header(self, expected, kind):
+        """Read the first line; it must be `expected` ("tinyllm-<family> v<N>") for a file of `kind`."""
+        header = self.next(f"the header {expected!r}")
+        if header != expected:
+            family = expected.rsplit(" ", 1)[0] + " "
+            if header.startswith(family):
+                raise self.error(f"unsupported format version {header!r}; this tinyllm reads {expected!r}")
+            raise self.error(f"not a tinyllm {kind} file: the first line is {header[:60]!r}, expected "
+                             f"{expected!r} (tinyllm.tokenizer.load_tokenizer reads any tinyllm tokenizer file)")
+
     def keyword(self, name):
         """Read a 'name value' line and return value (the rest of the line)."""
         line = self.next(f"a '{name} ...' line")

@@ -678,14 +678,7 @@ class BPETokenizer:
         """Read a file written by save().  A malformed file gives a ValueError naming the
         file, the line and the problem; nothing in the file is ever executed."""
         reader = LineReader(path)
-        header = reader.next(f"the header {FORMAT_HEADER!r}")
-        if header != FORMAT_HEADER:
-            if header.startswith("tinyllm-bpe "):
-                raise reader.error(f"unsupported format version {header!r}; this tinyllm reads "
-                                   f"{FORMAT_HEADER!r}")
-            raise reader.error(f"not a tinyllm BPE tokenizer file: the first line is {header[:60]!r}, "
-                               f"expected {FORMAT_HEADER!r} (tinyllm.tokenizer.load_tokenizer reads "
-                               "any tinyllm tokenizer file)")
+        reader.header(FORMAT_HEADER, "BPE tokenizer")
         pattern = reader.json_string(reader.keyword("pattern"), "the pattern")
         try:
             tok = cls(pattern)

@@ -81,13 +81,7 @@ class CharTokenizer:
     @classmethod
     def load(cls, path):
         reader = LineReader(path)
-        header = reader.next(f"the header {FORMAT_HEADER!r}")
-        if header != FORMAT_HEADER:
-            if header.startswith("tinyllm-char "):
-                raise reader.error(f"unsupported format version {header!r}; this tinyllm reads "
-                                   f"{FORMAT_HEADER!r}")
-            raise reader.error(f"not a tinyllm character tokenizer file: the first line is "
-                               f"{header[:60]!r}, expected {FORMAT_HEADER!r}")
+        reader.header(FORMAT_HEADER, "character tokenizer")
         count = reader.count("chars")
         if count == 0:
             raise reader.error("a CharTokenizer needs at least one character")
