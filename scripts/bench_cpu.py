@@ -12,6 +12,7 @@ set size during the steps over the resident size just before them (weights and b
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -162,18 +163,23 @@ def _peak_rss_mib():
     return int(line.split()[1]) / 1024
 
 
+def _page_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _rss_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure_memory(framework, name, steps=3):
+def measure_memory(framework, name, default_malloc, steps=3):
+    extra = ["--default-malloc"] if default_malloc else []
     out = subprocess.run([sys.executable, __file__, "--memory-child", framework, "--config", name,
-                          "--steps", str(steps)], capture_output=True, text=True, check=True)
+                          "--steps", str(steps), *extra], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench(name, steps, warmup, profile):
+def bench(name, steps, warmup, profile, default_malloc):
     cfg = CONFIGS[name]
     x, y = make_batch(cfg)
     model, optimizer = build_tinyllm(cfg)
@@ -199,26 +205,33 @@ def bench(name, steps, warmup, profile):
         import pstats
         cProfile.runctx("for _ in range(5): tinyllm_step(model, optimizer, x, y)", globals(), locals(), "/tmp/prof")
         pstats.Stats("/tmp/prof").sort_stats("tottime").print_stats(25)
-    ours, theirs = [], []
+    ours, theirs, faults = [], [], [0, 0]
     for i in range(warmup + steps):
+        f0 = _page_faults()
         t0 = time.perf_counter()
         tinyllm_step(model, optimizer, x, y)
         t1 = time.perf_counter()
+        f1 = _page_faults()
         if torch is not None:
             torch_step(tmodel, toptimizer, tx, ty)
         t2 = time.perf_counter()
+        if i >= warmup:
+            faults[0] += f1 - f0
+            faults[1] += _page_faults() - f1
         if i >= warmup:
             ours.append(t1 - t0)
             theirs.append(t2 - t1)
     m_ours = statistics.median(ours) * 1e3
     tokens = cfg["batch_size"] * cfg["block_size"]
-    print(f"tinyllm  step: median {m_ours:8.2f} ms  ({tokens / m_ours * 1e3:,.0f} tok/s)")
-    mem_ours = measure_memory("tinyllm", name)
+    print(f"tinyllm  step: median {m_ours:8.2f} ms  ({tokens / m_ours * 1e3:,.0f} tok/s, "
+          f"{faults[0] // steps:,} page faults)")
+    mem_ours = measure_memory("tinyllm", name, default_malloc)
     result = {"config": name, "tinyllm_ms": m_ours, "tinyllm_peak_rise_mib": mem_ours["rise_mib"]}
     if torch is not None:
         m_theirs = statistics.median(theirs) * 1e3
-        mem_theirs = measure_memory("torch", name)
-        print(f"PyTorch  step: median {m_theirs:8.2f} ms  ({tokens / m_theirs * 1e3:,.0f} tok/s)")
+        mem_theirs = measure_memory("torch", name, default_malloc)
+        print(f"PyTorch  step: median {m_theirs:8.2f} ms  ({tokens / m_theirs * 1e3:,.0f} tok/s, "
+              f"{faults[1] // steps:,} page faults)")
         paired = statistics.median(a / b for a, b in zip(ours, theirs))
         print(f"ratio tinyllm/PyTorch: {m_ours / m_theirs:.3f} (of medians); {paired:.3f} (median of paired "
               f"A/B ratios); {min(ours) / min(theirs):.3f} (of best steps)")
@@ -238,12 +251,20 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="print a cProfile of five tinyllm steps")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc malloc as it is; by default the benchmark does what `tinyllm train` does, "
+                        "tinyllm.backend.keep_freed_host_memory(), which applies to both frameworks alike")
     p.add_argument("--memory-child", choices=["tinyllm", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not args.default_malloc:
+        from tinyllm.backend import keep_freed_host_memory
+        keep_freed_host_memory()
     if args.memory_child:
         return memory_child(args.memory_child, args.config[0], args.steps)
     print(f"numpy {np.__version__}, {os.cpu_count()} CPUs")
-    results = [bench(name, args.steps, args.warmup, args.profile) for name in (args.config or ["baby", "char"])]
+    print("glibc malloc: " + ("as it is" if args.default_malloc else "keep_freed_host_memory() (as tinyllm train)"))
+    results = [bench(name, args.steps, args.warmup, args.profile, args.default_malloc)
+               for name in (args.config or ["baby", "char"])]
     print("\n" + json.dumps(results))
 
 

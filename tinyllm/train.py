@@ -421,6 +421,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = parse_config(argv)
+        backend.keep_freed_host_memory()  # reuse activation memory step after step (see its docstring)
         trainer = Trainer(cfg)
         code = trainer.run()
     except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
