@@ -164,6 +164,12 @@ def test_attention_matches_composed(B, H, Hkv, T, S, D, causal):
                 lambda q, k, v: R.scaled_dot_product_attention(q, k, v, causal=causal), arrays)
 
 
+def test_attention_gradient_for_some_inputs_only():
+    q, k, v = leaf(randn(1, 2, 4, 3)), tl.tensor(randn(1, 1, 4, 3)), leaf(randn(1, 1, 4, 3))
+    F.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert q.grad is not None and v.grad is not None and k.grad is None
+
+
 def test_attention_on_transposed_views_as_the_model_passes_them():
     """q, k, v as (B, T, heads, D) -> (B, heads, T, D) transposed views; the upstream gradient too."""
     B, T, H, Hkv, D = 2, 5, 4, 2, 3
