@@ -115,6 +115,8 @@ def test_config_file_and_flag_override(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"n_layers": 3}))
     with pytest.raises(ValueError, match="unknown options"):
         parse_config(["--config", str(tmp_path / "bad.json")])
+    with pytest.raises(ValueError, match="mixed precision"):
+        parse_config(["--dtype", "bfloat16"])
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         parse_config(["--config", str(tmp_path / "broken.json")])

@@ -5,8 +5,6 @@ CuPy generator seeded from the same seed, so a run is repeatable on either devic
 """
 import numpy
 
-from tinyllm import backend
-
 _seed = 0
 _host = numpy.random.default_rng(0)
 _device = None  # cupy generator, made on first use
@@ -35,14 +33,14 @@ def for_array_module(xp):
 
 
 def get_state():
-    """JSON-able state of the generators (for checkpoints); the GPU generator is re-derived."""
+    """JSON-able state for checkpoints: the seed and the host generator's position.
+
+    The GPU generator (dropout on CuPy) is re-seeded from the seed on restore, not restored to
+    its position, so a resumed GPU run with dropout is not yet bit-exact.
+    """
     return {"seed": _seed, "host": _host.bit_generator.state}
 
 
 def set_state(state):
     manual_seed(state["seed"])
     _host.bit_generator.state = state["host"]
-
-
-def device_name():
-    return "cuda" if _device is not None and backend.cuda_available() else "cpu"

@@ -73,6 +73,9 @@ class TrainConfig:
     sample_tokens: int = 300         # printed at the end; 0 disables
 
     def finalize(self):
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"--dtype {self.dtype}: training runs in float32 (or float64); mixed precision "
+                             "(bfloat16/float16 with float32 master weights) is not implemented yet")
         if self.lr_decay_iters is None:
             self.lr_decay_iters = self.max_iters
         if self.ckpt_interval is None:
