@@ -13,6 +13,9 @@ setup(
         "gpu": ["cupy-cuda12x"],
         "test": ["pytest", "hypothesis"],
         "plot": ["matplotlib"],
+        # optional cross-checks the tests run when present: our safetensors files read by the
+        # reference library, our GPT-2 tokenizer against tiktoken, plots drawn
+        "check": ["safetensors", "tiktoken", "matplotlib"],
     },
     entry_points={"console_scripts": ["tinyllm = tinyllm.cli:main"]},
 )
