@@ -177,3 +177,14 @@ def test_ctrl_c_saves_checkpoint(data_dir, tmp_path):
     assert "--resume" in rest
     state = json.loads((out / "ckpt" / "state.json").read_text())
     assert state["step"] >= 3
+
+
+def test_prepare_offline_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert cli_main(["prepare", "shakespeare_char", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--input" in err[0], err

@@ -1,5 +1,6 @@
 """The `tinyllm` command (also `python -m tinyllm`): prepare, train, sample, plot, gradcheck."""
 import argparse
+import os
 import sys
 
 
@@ -90,6 +91,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError, RuntimeError) as e:  # bad input, missing files, no network: one line
+        if os.environ.get("TINYLLM_DEBUG"):
+            raise
+        print(f"tinyllm {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
