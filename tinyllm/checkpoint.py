@@ -28,7 +28,8 @@ import secrets
 import shutil
 from pathlib import Path
 
-from tinyllm.safetensors_io import SafetensorsError, atomic_open, fsync_dir, load_file, save_file
+from tinyllm.fileio import atomic_open, fsync_dir
+from tinyllm.safetensors_io import SafetensorsError, load_file, save_file
 
 __all__ = [
     "CHECKPOINT_FORMAT",

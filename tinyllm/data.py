@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyllm.safetensors_io import atomic_open
+from tinyllm.fileio import atomic_open
 
 __all__ = [
     "DATASETS",

@@ -16,15 +16,14 @@ safetensors file only ever reads numbers. The ``safetensors`` library (Hugging F
 written here and we read its files.
 """
 
-import contextlib
 import json
 import math
 import os
-import secrets
 import struct
-from pathlib import Path
 
 import numpy as np
+
+from tinyllm.fileio import atomic_open
 
 __all__ = [
     "SafetensorsError",
@@ -32,8 +31,6 @@ __all__ = [
     "load_file",
     "read_metadata",
     "read_header",
-    "atomic_open",
-    "fsync_dir",
 ]
 
 # The header of a sane file is a few kilobytes; a huge length means a corrupted first 8 bytes.
@@ -73,47 +70,6 @@ class SafetensorsError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_open(path, mode="wb", encoding="utf-8"):
-    """Open a temporary file next to ``path``; on success, fsync it and rename it onto ``path``.
-
-    Readers see either the old file or the complete new one, never a half-written file: the
-    rename (``os.replace``) is atomic on POSIX and Windows when both names are in the same
-    directory. On an exception the temporary file is removed and ``path`` is left untouched.
-    Text modes write UTF-8 unless told otherwise.
-    """
-    path = Path(path)
-    tmp_name = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    # O_EXCL: never share a temp file with another writer; mode 0o666 lets the umask decide the
-    # permissions, as for any ordinary new file.
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory):
-    """Make a rename inside ``directory`` durable (best effort: not every OS can fsync a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _to_host_little_endian(name, value):

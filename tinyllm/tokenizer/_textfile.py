@@ -7,32 +7,14 @@ ever unpickled: a tokenizer file is data, never code.
 
 import json
 import os
-import secrets
+
+from tinyllm.fileio import atomic_open
 
 
 def write_atomic(path, text):
-    """Write text to path so that readers see the old file or the new one, never half.
-
-    The text goes to a temporary file in the same directory (same file system,
-    so os.replace is an atomic rename), is flushed to disk, then renamed over
-    the target.  On any error the temporary file is removed.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        # "x": never clobber another writer's temp file; default permissions follow the umask.
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    """Write text to path so that readers see the old file or the new one, never half."""
+    with atomic_open(path, "w", newline="\n") as f:
+        f.write(text)
 
 
 class LineReader:
