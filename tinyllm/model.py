@@ -237,7 +237,6 @@ class CausalSelfAttention(Module):
         self.c_attn = nn.Linear(config.n_embd, qkv_rows, bias=config.bias)
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
 
     def forward(self, x, rope=None, cache=None, layer=0):
         """x (B, T, C) -> (B, T, C). rope: (cos, sin) rows for x's positions or None.
@@ -271,7 +270,7 @@ class CausalSelfAttention(Module):
         y = F.scaled_dot_product_attention(q, k, v, causal=True)          # (B, H, T, D)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, H * D)
         y = F.linear(y, self.c_proj.weight, self.c_proj.bias)
-        return self.resid_dropout(y) if self.training and self.dropout > 0 else y
+        return self.resid_dropout(y)  # the identity in eval mode or with p = 0
 
 
 class MLP(Module):
@@ -282,7 +281,6 @@ class MLP(Module):
             self.c_gate = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
         self.c_proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.p = config.dropout
 
     def forward(self, x):
         h = F.linear(x, self.c_fc.weight, self.c_fc.bias)
@@ -291,7 +289,7 @@ class MLP(Module):
         else:  # SwiGLU: silu(gate(x)) * up(x)
             h = F.silu(F.linear(x, self.c_gate.weight, self.c_gate.bias)) * h
         y = F.linear(h, self.c_proj.weight, self.c_proj.bias)
-        return self.dropout(y) if self.training and self.p > 0 else y
+        return self.dropout(y)
 
 
 def _norm(config):
@@ -461,8 +459,7 @@ class GPT(Module):
         x = F.embedding(idx, t.wte.weight)
         if self.config.pos == "learned":
             x = x + t.wpe.weight[start:start + T]
-        if self.training and self.config.dropout > 0:
-            x = t.drop(x)
+        x = t.drop(x)
         rope = None
         if self._rope is not None:
             cos, sin = self._rope

@@ -226,9 +226,7 @@ class Trainer:
         shutil.copyfile(data_dir / self.meta["tokenizer_file"], self.out / "tokenizer.txt")
 
     # --- checkpoints ------------------------------------------------------------------------------
-    def state(self):
-        from tinyllm.optim import optimizer_state_to_flat
-        _, optimizer_meta = optimizer_state_to_flat(self.optimizer.state_dict())
+    def state(self, optimizer_meta):
         return {
             "config": asdict(self.cfg),
             "model_config": self.model.config.to_dict(),
@@ -244,10 +242,10 @@ class Trainer:
     def save(self):
         from tinyllm.checkpoint import save_checkpoint
         from tinyllm.optim import optimizer_state_to_flat
-        arrays, _ = optimizer_state_to_flat(self.optimizer.state_dict())
+        arrays, optimizer_meta = optimizer_state_to_flat(self.optimizer.state_dict())
         arrays = {k: backend.to_numpy(v) for k, v in arrays.items()}
         save_checkpoint(self.ckpt_dir, model_state=self.model.state_dict(), optimizer_flat=arrays,
-                        state=self.state())
+                        state=self.state(optimizer_meta))
 
     def load(self):
         from tinyllm.checkpoint import load_checkpoint
