@@ -53,6 +53,40 @@ def tiktoken_gpt2(gpt2_dir, pattern):
     return enc, f"tiktoken {tiktoken.__version__}, Encoding built offline from encoder.json"
 
 
+def encode_section(name, text, repeat, gpt2_dir, enc, trained):
+    # trained: {label: function returning a freshly trained tokenizer}
+    """Encode MB/s of text: cold (median over fresh tokenizers) and warm (best), then tiktoken's."""
+    nbytes = len(text.encode("utf-8"))
+    kind = "ASCII" if text.isascii() else "not ASCII"
+    print(f"## encoding {name} ({nbytes:,} bytes, {kind}; cold = first call of a fresh tokenizer, "
+          f"median of {repeat}; warm = best of {repeat} further calls)")
+    print(f"{'tokenizer':<34} {'tokens':>8} {'cold MB/s':>10} {'warm MB/s':>10}")
+    makers = {}
+    if gpt2_dir is not None:
+        makers["tinyllm GPT-2 (from_gpt2)"] = lambda: BPETokenizer.from_gpt2(
+            gpt2_dir / "encoder.json", gpt2_dir / "vocab.bpe")
+    for label, train in trained.items():
+        makers[label] = train
+    results = {}
+    for label, make in makers.items():
+        colds = []
+        for _ in range(repeat):
+            tok = make()
+            cold, ids = timed(tok.encode_ordinary, text)
+            colds.append(cold)
+        warm = min(timed(tok.encode_ordinary, text)[0] for _ in range(repeat))
+        results[label] = (ids, mbps(nbytes, statistics.median(colds)), mbps(nbytes, warm))
+        print(f"{label:<34} {len(ids):>8,} {results[label][1]:>10.2f} {results[label][2]:>10.2f}")
+    if enc is not None:
+        cold, ids = timed(enc.encode_ordinary, text)
+        warm = min(timed(enc.encode_ordinary, text)[0] for _ in range(repeat))
+        print(f"{'tiktoken GPT-2':<34} {len(ids):>8,} {mbps(nbytes, cold):>10.2f} {mbps(nbytes, warm):>10.2f}")
+        ours, ours_cold, ours_warm = results["tinyllm GPT-2 (from_gpt2)"]
+        print(f"ids identical to tiktoken's: {ids == ours}; tinyllm / tiktoken speed: "
+              f"cold {ours_cold / mbps(nbytes, cold):.2f}x, warm {ours_warm / mbps(nbytes, warm):.2f}x")
+    print()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".." / "shared" / "data")
@@ -106,43 +140,20 @@ def main(argv=None):
     print()
 
     # -- encoding ---------------------------------------------------------------
-    print(f"## encoding tinyshakespeare.txt (cold = first call of a fresh tokenizer; "
-          f"warm = best of {args.repeat})")
-    print(f"{'tokenizer':<34} {'tokens':>8} {'cold MB/s':>10} {'warm MB/s':>10}")
     gpt2_dir = data / "gpt2"
-    results = {}
-
-    def bench_encode(label, make, encode_name="encode_ordinary"):
-        tok = make()
-        cold, ids = timed(getattr(tok, encode_name), shakespeare)
-        warm = min(timed(getattr(tok, encode_name), shakespeare)[0] for _ in range(args.repeat))
-        results[label] = (ids, mbps(nbytes, cold), mbps(nbytes, warm))
-        print(f"{label:<34} {len(ids):>8,} {mbps(nbytes, cold):>10.2f} {mbps(nbytes, warm):>10.2f}")
-        return tok
-
     gpt2 = None
+    enc, about = (None, "no GPT-2 files")
     if (gpt2_dir / "encoder.json").is_file():
         seconds, gpt2 = timed(BPETokenizer.from_gpt2, gpt2_dir / "encoder.json", gpt2_dir / "vocab.bpe")
-        bench_encode("tinyllm GPT-2 (from_gpt2)", lambda: BPETokenizer.from_gpt2(
-            gpt2_dir / "encoder.json", gpt2_dir / "vocab.bpe"))
-    for vocab in (4096,):
-        if vocab in trained:
-            bench_encode(f"tinyllm trained {args.pattern} {vocab}",
-                         lambda: BPETokenizer(args.pattern).train(shakespeare, vocab))
-
-    enc, about = (None, "no GPT-2 files")
-    if gpt2 is not None:
         enc, about = tiktoken_gpt2(gpt2_dir, gpt2.pattern)
-    if enc is not None:
-        cold, ids = timed(enc.encode_ordinary, shakespeare)
-        warm = min(timed(enc.encode_ordinary, shakespeare)[0] for _ in range(args.repeat))
-        print(f"{'tiktoken GPT-2':<34} {len(ids):>8,} {mbps(nbytes, cold):>10.2f} {mbps(nbytes, warm):>10.2f}")
-        ours, ours_cold, ours_warm = results["tinyllm GPT-2 (from_gpt2)"]
-        print(f"\n{about}; ids identical to ours: {ids == ours}")
-        print(f"tinyllm / tiktoken speed: cold {ours_cold / mbps(nbytes, cold):.2f}x, "
-              f"warm {ours_warm / mbps(nbytes, warm):.2f}x")
-    else:
-        print(f"\ntiktoken: skipped ({about})")
+    corpora = [("tinyshakespeare.txt", shakespeare)]
+    if (data / "taylorswift.txt").is_file():
+        corpora.append(("taylorswift.txt", (data / "taylorswift.txt").read_text(encoding="utf-8")))
+    for name, text in corpora:
+        encode_section(name, text, args.repeat, gpt2_dir if gpt2 else None, enc,
+                       {f"tinyllm trained {args.pattern} 4096":
+                        lambda: BPETokenizer(args.pattern).train(shakespeare, 4096)})
+    print(f"tiktoken: {about}")
     if gpt2 is not None:
         print(f"GPT-2 import (from_gpt2): {seconds:.3f} s")
     print()

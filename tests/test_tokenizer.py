@@ -1,12 +1,14 @@
 """Tests for tinyllm.tokenizer: BPE training (fast vs naive), encoding, special tokens, decoding."""
 
+import re
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+import regex
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tinyllm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, BPETokenizer
+from tinyllm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, BPETokenizer, patterns
 from tinyllm.tokenizer.bpe import merge_heap, merge_small
 from tinyllm.tokenizer.naive import encode_chunk_naive, encode_naive, train_naive
 
@@ -71,6 +73,74 @@ def test_custom_pattern_never_drops_text():
     tok.train("hello, world! hello world", 270)
     for text in ["hello, world!", "  ", "!!", ""]:
         assert tok.decode(tok.encode(text)) == text
+
+
+# The ASCII fast path: the stdlib-re twins must split ASCII text exactly as the regex patterns.
+
+ASCII = "".join(map(chr, range(128)))
+
+
+@pytest.mark.parametrize("unicode_class, ascii_class", [
+    (r"\s", patterns.ASCII_SPACE), (r"\p{L}", patterns.ASCII_LETTER), (r"\p{N}", patterns.ASCII_DIGIT)])
+def test_ascii_classes_match_the_unicode_classes(unicode_class, ascii_class):
+    expected = [c for c in ASCII if regex.fullmatch(unicode_class, c)]
+    assert [c for c in ASCII if re.fullmatch(f"[{ascii_class}]", c)] == expected
+
+
+ASCII_PIECES = [" ", "  ", "\t", "\n", "\r\n", "\r", "\x0b", "\x0c", "\x1c", "\x1f", "\x00", "\x7f",
+                "a", "Z", "'s", "'S", "'ll", "'Ve", "don't", "1", "1234567", "!", "?!", "_", "'", "$"]
+ascii_text = st.one_of(st.text(alphabet=ASCII, max_size=200),
+                       st.lists(st.sampled_from(ASCII_PIECES), max_size=40).map("".join))
+
+
+@given(text=ascii_text, pattern=st.sampled_from(["gpt2", "gpt4"]))
+def test_ascii_twin_splits_like_the_regex_pattern(text, pattern):
+    assert patterns.compile_ascii_twin(pattern).findall(text) == patterns.compile_pattern(pattern).findall(text)
+
+
+@needs_data
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_ascii_twin_splits_the_corpus_like_the_regex_pattern(pattern):
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    assert text.isascii()
+    assert patterns.compile_ascii_twin(pattern).findall(text) == patterns.compile_pattern(pattern).findall(text)
+
+
+def test_regex_whitespace_is_within_str_isspace():
+    # is_safe_cut reads "not isspace" as "not regex \s": that needs every \s character to be isspace.
+    every_char = "".join(map(chr, range(0x110000))).encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    assert all(c.isspace() for c in regex.findall(r"\s", every_char))
+
+
+LINE_PIECES = ASCII_PIECES + ["\n", "\n\n", "x\n", "\nY", ".\n", "é", "\u00a0", "\u2028", "\x85", "🎉", "日本",
+                              "\u3000", "'é", " é", "x ", ". ", "1 ", " \n", "\n "]
+mixed_text = st.lists(st.sampled_from(LINE_PIECES), max_size=60).map("".join)
+
+
+@given(text=st.one_of(mixed_text, any_text), pattern=st.sampled_from(["gpt2", "gpt4"]),
+       stretch=st.sampled_from([0, 3, 64]))
+@example(text="x.\né", pattern="gpt4", stretch=0)  # a newline is no safe cut (".\n" is one chunk)
+@example(text="x\n  é", pattern="gpt4", stretch=0)  # nor a space after whitespace
+def test_mostly_ascii_text_splits_like_the_regex_pattern(text, pattern, stretch):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(patterns, "MIN_ASCII_STRETCH", stretch)  # 0: cut at every safe line break
+        assert BPETokenizer(pattern)._split(text) == patterns.compile_pattern(pattern).findall(text)
+
+
+@needs_data
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_mixed_corpus_splits_like_the_regex_pattern(pattern):
+    text = (DATA / "taylorswift.txt").read_text(encoding="utf-8")
+    assert not text.isascii()
+    for stretch in (0, patterns.MIN_ASCII_STRETCH):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(patterns, "MIN_ASCII_STRETCH", stretch)
+            assert BPETokenizer(pattern)._split(text) == patterns.compile_pattern(pattern).findall(text)
+
+
+def test_custom_patterns_have_no_ascii_twin():
+    assert patterns.compile_ascii_twin(r"\w+") is None
+    assert BPETokenizer(r"\w+")._ascii_regex is None
 
 
 # ----------------------------------------------------------------------------

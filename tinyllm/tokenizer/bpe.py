@@ -25,7 +25,8 @@ from itertools import chain
 import regex
 
 from ._textfile import LineReader, write_atomic
-from .patterns import GPT2_PATTERN, GPT4_PATTERN, compile_pattern, resolve_pattern
+from .patterns import (GPT2_PATTERN, GPT4_PATTERN, compile_ascii_twin, compile_pattern, resolve_pattern,
+                       split_builtin)
 
 FORMAT_HEADER = "tinyllm-bpe v1"
 
@@ -281,6 +282,7 @@ class BPETokenizer:
     def __init__(self, pattern="gpt4"):
         self.pattern = resolve_pattern(pattern)
         self._regex = compile_pattern(self.pattern)
+        self._ascii_regex = compile_ascii_twin(self.pattern)  # None unless the pattern is built in
         self._set_model([], {}, None, trained=True)
 
     # -- state -----------------------------------------------------------------
@@ -363,7 +365,10 @@ class BPETokenizer:
 
     def _split(self, text):
         """Pre-split text into chunks.  Text the pattern does not match (only possible
-        with a custom pattern) is kept as chunks of its own, so nothing is lost."""
+        with a custom pattern) is kept as chunks of its own, so nothing is lost.
+        The built-in patterns match every character and split ASCII text faster."""
+        if self._ascii_regex is not None:
+            return split_builtin(text, self._regex, self._ascii_regex)
         chunks = self._regex.findall(text)
         if sum(map(len, chunks)) == len(text):
             return chunks
