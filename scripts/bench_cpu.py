@@ -134,7 +134,7 @@ def torch_step(model, optimizer, x, y):
 
 # ----------------------------------------------------------------------------------------------- runs
 
-def memory_child(framework, name, steps):
+def memory_child(framework, name, steps, default_malloc):
     """Run in a subprocess: print the peak RSS rise (MiB) during `steps` training steps."""
     cfg = CONFIGS[name]
     x, y = make_batch(cfg)
@@ -150,8 +150,11 @@ def memory_child(framework, name, steps):
     import gc
     gc.collect()
     before = _rss_mib()
-    for _ in range(steps):
+    for i in range(steps):
         step(model, optimizer, x, y)
+        if i == 0 and not default_malloc:
+            from tinyllm.backend import move_heap_to_huge_pages
+            move_heap_to_huge_pages()
     peak = _peak_rss_mib()
     print(json.dumps({"before_mib": before, "peak_mib": peak, "rise_mib": peak - before}))
 
@@ -200,6 +203,11 @@ def bench(name, steps, warmup, profile, default_malloc):
               f"(|diff| {abs(loss_ours - loss_theirs):.2e}; threads {threads})")
         if abs(loss_ours - loss_theirs) > 1e-4:
             raise SystemExit("the two models disagree: not timing different computations")
+    else:
+        tinyllm_step(model, optimizer, x, y)
+    if not default_malloc:  # as `tinyllm train` does after its first step; both frameworks' arrays are in the heap
+        from tinyllm.backend import move_heap_to_huge_pages
+        print(f"heap moved to huge pages after the first steps: {move_heap_to_huge_pages()}")
     if profile:
         import cProfile
         import pstats
@@ -252,17 +260,19 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="print a cProfile of five tinyllm steps")
     p.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc malloc as it is; by default the benchmark does what `tinyllm train` does, "
-                        "tinyllm.backend.keep_freed_host_memory(), which applies to both frameworks alike")
+                   help="leave glibc malloc and the heap's pages as they are; by default the benchmark does what "
+                        "`tinyllm train` does, tinyllm.backend.keep_freed_host_memory() at the start and "
+                        "move_heap_to_huge_pages() after the first step, which apply to both frameworks alike")
     p.add_argument("--memory-child", choices=["tinyllm", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if not args.default_malloc:
         from tinyllm.backend import keep_freed_host_memory
         keep_freed_host_memory()
     if args.memory_child:
-        return memory_child(args.memory_child, args.config[0], args.steps)
+        return memory_child(args.memory_child, args.config[0], args.steps, args.default_malloc)
     print(f"numpy {np.__version__}, {os.cpu_count()} CPUs")
-    print("glibc malloc: " + ("as it is" if args.default_malloc else "keep_freed_host_memory() (as tinyllm train)"))
+    print("glibc malloc: " + ("as it is" if args.default_malloc else
+                              "keep_freed_host_memory() and move_heap_to_huge_pages() (as tinyllm train)"))
     results = [bench(name, args.steps, args.warmup, args.profile, args.default_malloc)
                for name in (args.config or ["baby", "char"])]
     print("\n" + json.dumps(results))

@@ -196,9 +196,10 @@ def known_peak_flops(device, dtype):
 
 
 class Trainer:
-    def __init__(self, cfg, log=print):
+    def __init__(self, cfg, log=print, after_first_step=None):
         from tinyllm.data import BatchLoader, load_meta
         self.cfg, self.log = cfg, log
+        self.after_first_step = after_first_step  # called once, after the first step of this run
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "ckpt"
         data_dir = ensure_data(cfg, log)
@@ -346,6 +347,8 @@ class Trainer:
                     return 130
                 loss, lr, grad_norm, finite = self.train_step()
                 self.step += 1
+                if self.step == start_step + 1 and self.after_first_step is not None:
+                    self.after_first_step()
                 window_steps += 1
                 if not finite:
                     self._log_json(metrics, {"step": self.step, "skipped": True, "loss": _json_float(loss),
@@ -423,7 +426,8 @@ def main(argv=None):
     try:
         cfg = parse_config(argv)
         backend.keep_freed_host_memory()  # reuse activation memory step after step (see its docstring)
-        trainer = Trainer(cfg)
+        on_cpu = backend.check_device(cfg.device) == "cpu"
+        trainer = Trainer(cfg, after_first_step=backend.move_heap_to_huge_pages if on_cpu else None)
         code = trainer.run()
     except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
         if os.environ.get("TINYLLM_DEBUG"):
