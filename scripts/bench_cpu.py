@@ -166,6 +166,14 @@ def _peak_rss_mib():
     return int(line.split()[1]) / 1024
 
 
+def _anon_huge_mib():
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:")) / 1024
+    except (OSError, StopIteration):
+        return float("nan")
+
+
 def _page_faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -230,6 +238,7 @@ def bench(name, steps, warmup, profile, default_malloc):
             ours.append(t1 - t0)
             theirs.append(t2 - t1)
     m_ours = statistics.median(ours) * 1e3
+    print(f"heap on huge pages after the steps: {_anon_huge_mib():.0f} MiB of {_rss_mib():.0f} MiB resident")
     tokens = cfg["batch_size"] * cfg["block_size"]
     print(f"tinyllm  step: median {m_ours:8.2f} ms  ({tokens / m_ours * 1e3:,.0f} tok/s, "
           f"{faults[0] // steps:,} page faults)")

@@ -156,12 +156,26 @@ ATTENTION_SHAPES = [  # B, H, Hkv, T, S, D
 ]
 
 
+@pytest.mark.parametrize("split_min", [F.SPLIT_MIN_QUERIES, 2])  # 2: causal queries in two blocks from T = 2
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("B, H, Hkv, T, S, D", ATTENTION_SHAPES)
-def test_attention_matches_composed(B, H, Hkv, T, S, D, causal):
+def test_attention_matches_composed(B, H, Hkv, T, S, D, causal, split_min):
     arrays = [randn(B, H, T, D), randn(B, Hkv, S, D), randn(B, Hkv, S, D)]
-    assert_same(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal),
+    assert_same(lambda q, k, v: F.ScaledDotProductAttention(causal, split_min)(q, k, v),
                 lambda q, k, v: R.scaled_dot_product_attention(q, k, v, causal=causal), arrays)
+
+
+@pytest.mark.parametrize("Hkv", [4, 2])
+def test_causal_attention_splits_long_queries_and_skips_unseen_keys(Hkv):
+    B, H, T, D = 1, 4, F.SPLIT_MIN_QUERIES + 2, 3
+    arrays = [randn(B, H, T, D), randn(B, Hkv, T, D), randn(B, Hkv, T, D)]
+    assert_same(F.ScaledDotProductAttention(causal=True), lambda q, k, v: R.scaled_dot_product_attention(q, k, v),
+                arrays)
+    fn = F.ScaledDotProductAttention(causal=True)
+    fn(*(leaf(a) for a in arrays))
+    h = T // 2
+    assert fn.blocks == [(0, h, h), (h, T, T)]  # the first half of the queries never met the last keys
+    assert [P.shape for P in fn.P] == [(B, Hkv, H // Hkv * h, h), (B, Hkv, H // Hkv * (T - h), T)]
 
 
 def test_attention_gradient_for_some_inputs_only():

@@ -141,18 +141,18 @@ def move_heap_to_huge_pages():
     import ctypes
     import ctypes.util
     try:
-        with open("/proc/self/maps") as maps:
+        with open("/proc/self/maps") as maps:  # the heap is split into several mappings (by NumPy's madvise)
             heap = [line.split()[0] for line in maps if line.rstrip().endswith("[heap]")]
         madvise = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").madvise
     except (OSError, AttributeError):  # not Linux with glibc
         return False
-    if not heap:
-        return False
-    start, end = (int(address, 16) for address in heap[0].split("-"))
-    huge = 1 << 21
-    start, end = -(-start // huge) * huge, end // huge * huge    # whole 2 MiB pages inside the heap
-    if end <= start:
-        return False
-    MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return madvise(start, end - start, MADV_HUGEPAGE) == 0 and madvise(start, end - start, MADV_COLLAPSE) == 0
+    MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
+    huge = 1 << 21
+    done = False
+    for mapping in heap:
+        start, end = (int(address, 16) for address in mapping.split("-"))
+        start, end = -(-start // huge) * huge, end // huge * huge    # whole 2 MiB pages inside it
+        if end > start and madvise(start, end - start, MADV_HUGEPAGE) == 0:
+            done = madvise(start, end - start, MADV_COLLAPSE) == 0 or done
+    return done

@@ -80,3 +80,8 @@ def attention(b):
     yield "attention MQA causal", sdpa, [b.randn(2, 3, 3, 2), b.randn(2, 1, 3, 2), b.randn(2, 1, 3, 2)]
     yield "attention GQA not causal", lambda q, k, v: sdpa(q, k, v, causal=False), \
         [b.randn(1, 4, 3, 2), b.randn(1, 2, 4, 2), b.randn(1, 2, 4, 2)]
+    split = F.ScaledDotProductAttention  # causal queries in two blocks (normally from T = 128 on)
+    yield "attention MHA causal, two query blocks", lambda q, k, v: split(True, split_min=2)(q, k, v), \
+        [b.randn(1, 2, 5, 3), b.randn(1, 2, 5, 3), b.randn(1, 2, 5, 3)]
+    yield "attention GQA causal, S > T, two query blocks", lambda q, k, v: split(True, split_min=2)(q, k, v), \
+        [b.randn(1, 4, 4, 2), b.randn(1, 2, 6, 2), b.randn(1, 2, 6, 2)]
