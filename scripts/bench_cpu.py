@@ -5,7 +5,9 @@
 
 Both models get tinyllm's exact initial weights, the same batch, float32, dropout 0, the same
 number of threads; the first step's losses must agree (proof that the same computation is timed).
-Timing alternates A/B runs after a warm-up and reports medians and the ratio tinyllm/PyTorch.
+Timing alternates A/B turns after a warm-up (see PAUSE and TURN) and reports medians and the ratio
+tinyllm/PyTorch. Threads: BENCH_THREADS for both (default: every core); tinyllm picks how to use
+them as `tinyllm train` does (tinyllm.threads.default_num_threads) unless BENCH_TINYLLM_THREADS is set.
 Peak memory is measured in fresh subprocesses (one per framework): the rise of the peak resident
 set size during the steps over the resident size just before them (weights and batch built).
 """
@@ -25,6 +27,23 @@ CONFIGS = {
     "char": dict(vocab_size=65, block_size=256, batch_size=8, n_layer=6, n_head=6, n_embd=384),
 }
 LR, BETAS, WEIGHT_DECAY = 1e-3, (0.9, 0.99), 0.1
+# Seconds of rest before each timed step. Both frameworks share this process, and the idle threads
+# of one keep spinning for a while after its step (OpenBLAS's and OpenMP's, about 0.1 s), taking a
+# core from the other: without the rest PyTorch's "baby" step took 74 ms instead of 36 ms.
+PAUSE = 0.25
+TURN = 4  # steps per turn of a framework, the first one untimed
+
+
+def take_turn(step):
+    """Rest, then TURN steps: ([seconds of the timed ones], page faults during them)."""
+    time.sleep(PAUSE)
+    step()
+    f0, times = _page_faults(), []
+    for _ in range(TURN - 1):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times, _page_faults() - f0
 
 
 def make_batch(cfg, seed=0):
@@ -44,6 +63,14 @@ def build_tinyllm(cfg, seed=0):
     model = tl.GPT(model_cfg)
     optimizer = model.configure_optimizers(WEIGHT_DECAY, LR, BETAS)
     return model, optimizer
+
+
+def use_threads(cfg, cores):
+    """tinyllm's CPU threads: BENCH_TINYLLM_THREADS, else as `tinyllm train` picks them by default."""
+    from tinyllm import threads
+    forced = int(os.environ.get("BENCH_TINYLLM_THREADS", 0))
+    return threads.set_num_threads(forced or threads.default_num_threads(cfg["batch_size"], cfg["block_size"],
+                                                                         cfg["n_embd"], cores))
 
 
 def tinyllm_step(model, optimizer, x, y):
@@ -139,6 +166,7 @@ def memory_child(framework, name, steps, default_malloc):
     cfg = CONFIGS[name]
     x, y = make_batch(cfg)
     model, optimizer = build_tinyllm(cfg)
+    use_threads(cfg, int(os.environ.get("BENCH_THREADS", os.cpu_count())))
     if framework == "torch":
         import torch
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count())))
@@ -200,8 +228,11 @@ def bench(name, steps, warmup, profile, default_malloc):
     except ImportError:
         torch = None
         print("PyTorch is not installed: timing tinyllm alone (pip install torch for the comparison)")
+    threads = int(os.environ.get("BENCH_THREADS", os.cpu_count()))
+    ours = use_threads(cfg, threads)
+    blas = "NumPy's BLAS on 1" if ours > 1 else f"NumPy's BLAS on its own {threads}"
+    print(f"threads: tinyllm {ours} ({blas}), PyTorch {threads if torch is not None else '-'}")
     if torch is not None:
-        threads = int(os.environ.get("BENCH_THREADS", os.cpu_count()))
         torch.set_num_threads(threads)
         tmodel, toptimizer = build_torch(cfg, model.state_dict())
         tx, ty = torch.from_numpy(x), torch.from_numpy(y)
@@ -221,22 +252,23 @@ def bench(name, steps, warmup, profile, default_malloc):
         import pstats
         cProfile.runctx("for _ in range(5): tinyllm_step(model, optimizer, x, y)", globals(), locals(), "/tmp/prof")
         pstats.Stats("/tmp/prof").sort_stats("tottime").print_stats(25)
-    ours, theirs, faults = [], [], [0, 0]
-    for i in range(warmup + steps):
-        f0 = _page_faults()
-        t0 = time.perf_counter()
-        tinyllm_step(model, optimizer, x, y)
-        t1 = time.perf_counter()
-        f1 = _page_faults()
+    # Turns: TURN steps of one framework, then TURN of the other, after a rest (see PAUSE); the first
+    # step of a turn only wakes the framework's threads and is not timed. A paired ratio per round.
+    ours, theirs, paired, faults = [], [], [], [0, 0]
+    rounds = warmup + -(-steps // (TURN - 1))
+    for i in range(rounds):
+        ours_turn, faults_ours = take_turn(lambda: tinyllm_step(model, optimizer, x, y))
         if torch is not None:
-            torch_step(tmodel, toptimizer, tx, ty)
-        t2 = time.perf_counter()
-        if i >= warmup:
-            faults[0] += f1 - f0
-            faults[1] += _page_faults() - f1
-        if i >= warmup:
-            ours.append(t1 - t0)
-            theirs.append(t2 - t1)
+            theirs_turn, faults_theirs = take_turn(lambda: torch_step(tmodel, toptimizer, tx, ty))
+        if i < warmup:
+            continue
+        ours += ours_turn
+        faults[0] += faults_ours
+        if torch is not None:
+            theirs += theirs_turn
+            faults[1] += faults_theirs
+            paired.append(statistics.median(ours_turn) / statistics.median(theirs_turn))
+    steps = len(ours)
     m_ours = statistics.median(ours) * 1e3
     print(f"heap on huge pages after the steps: {_anon_huge_mib():.0f} MiB of {_rss_mib():.0f} MiB resident")
     tokens = cfg["batch_size"] * cfg["block_size"]
@@ -249,9 +281,9 @@ def bench(name, steps, warmup, profile, default_malloc):
         mem_theirs = measure_memory("torch", name, default_malloc)
         print(f"PyTorch  step: median {m_theirs:8.2f} ms  ({tokens / m_theirs * 1e3:,.0f} tok/s, "
               f"{faults[1] // steps:,} page faults)")
-        paired = statistics.median(a / b for a, b in zip(ours, theirs))
-        print(f"ratio tinyllm/PyTorch: {m_ours / m_theirs:.3f} (of medians); {paired:.3f} (median of paired "
-              f"A/B ratios); {min(ours) / min(theirs):.3f} (of best steps)")
+        paired = statistics.median(paired)
+        print(f"ratio tinyllm/PyTorch: {m_ours / m_theirs:.3f} (of medians); {paired:.3f} (median of the "
+              f"{len(theirs) // (TURN - 1)} rounds' ratios); {min(ours) / min(theirs):.3f} (of best steps)")
         print(f"peak memory rise during steps: tinyllm {mem_ours['rise_mib']:.1f} MiB, PyTorch "
               f"{mem_theirs['rise_mib']:.1f} MiB (ratio {mem_ours['rise_mib'] / mem_theirs['rise_mib']:.2f}); "
               f"RSS before steps: {mem_ours['before_mib']:.0f} vs {mem_theirs['before_mib']:.0f} MiB")

@@ -56,9 +56,10 @@ def test_train_writes_logs_and_checkpoint(data_dir, tmp_path):
     assert "transformer.wte.weight" in weights and weights["transformer.wte.weight"].dtype == np.float32
 
 
-def test_resume_is_bit_exact(data_dir, tmp_path):
+@pytest.mark.parametrize("threads", ["1", "2"])  # 2: the layers cut over tinyllm.threads (a fixed cut)
+def test_resume_is_bit_exact(data_dir, tmp_path, threads):
     common = ["--max-iters", "8", "--lr-decay-iters", "8", "--eval-interval", "4", "--dropout", "0.1",
-              "--grad-accum", "2"]
+              "--grad-accum", "2", "--threads", threads]
     assert run(common, data_dir, tmp_path / "straight") == 0
     # the same run, stopped after step 4 and resumed
     first = [a if a != "8" or i != 1 else "4" for i, a in enumerate(common)]

@@ -11,6 +11,7 @@ A "parameter" is any object with two attributes:
 
 import math
 
+from tinyllm import threads
 from tinyllm.backend import get_array_module
 
 __all__ = [
@@ -122,35 +123,13 @@ class AdamW:
             state["step"] += 1
             t = state["step"]
             m, v, data = state["exp_avg"], state["exp_avg_sq"], p.data
-
-            # p ← p · (1 − lr·wd)
-            if weight_decay != 0.0:
-                data *= 1.0 - lr * weight_decay
-
-            scratch = xp.empty_like(data)  # the one temporary this update needs
-
-            # m ← β1·m + (1 − β1)·g
-            m *= beta1
-            xp.multiply(grad, 1.0 - beta1, out=scratch)
-            m += scratch
-
-            # v ← β2·v + (1 − β2)·g²
-            v *= beta2
-            xp.multiply(grad, grad, out=scratch)
-            scratch *= 1.0 - beta2
-            v += scratch
-
-            # denominator: √v / √(1 − β2ᵗ) + eps
-            bias_correction1 = 1.0 - beta1**t
-            bias_correction2 = 1.0 - beta2**t
-            xp.sqrt(v, out=scratch)
-            scratch /= math.sqrt(bias_correction2)
-            scratch += eps
-
-            # p ← p − (lr / (1 − β1ᵗ)) · m / denominator
-            xp.divide(m, scratch, out=scratch)
-            scratch *= lr / bias_correction1
-            data -= scratch
+            hyper = (lr, beta1, beta2, eps, weight_decay, 1.0 - beta1**t, 1.0 - beta2**t)
+            if data.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous:
+                # elementwise, so any cut of the flat arrays works: one part per CPU thread
+                flat = [a.reshape(-1) for a in (data, grad, m, v)]
+                threads.parallel_for(data.size, lambda i, j: _adamw_update(*(a[i:j] for a in flat), *hyper), xp)
+            else:
+                _adamw_update(data, grad, m, v, *hyper)
 
     # ------------------------------------------------------------------ saving and restoring
 
@@ -301,6 +280,36 @@ def optimizer_state_from_flat(arrays, meta):
 # Gradient clipping
 # ----------------------------------------------------------------------------------------------
 
+
+def _adamw_update(data, grad, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2):
+    """One AdamW update of data, m and v in place (arrays of one parameter, or matching parts of them)."""
+    xp = get_array_module(data)
+    # p ← p · (1 − lr·wd)
+    if weight_decay != 0.0:
+        data *= 1.0 - lr * weight_decay
+
+    scratch = xp.empty_like(data)  # the one temporary this update needs
+
+    # m ← β1·m + (1 − β1)·g
+    m *= beta1
+    xp.multiply(grad, 1.0 - beta1, out=scratch)
+    m += scratch
+
+    # v ← β2·v + (1 − β2)·g²
+    v *= beta2
+    xp.multiply(grad, grad, out=scratch)
+    scratch *= 1.0 - beta2
+    v += scratch
+
+    # denominator: √v / √(1 − β2ᵗ) + eps
+    xp.sqrt(v, out=scratch)
+    scratch /= math.sqrt(bias_correction2)
+    scratch += eps
+
+    # p ← p − (lr / (1 − β1ᵗ)) · m / denominator
+    xp.divide(m, scratch, out=scratch)
+    scratch *= lr / bias_correction1
+    data -= scratch
 
 def clip_grad_norm_(params, max_norm):
     """Scale all gradients in place so that their global L2 norm is at most ``max_norm``.

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy
 
-from tinyllm import backend, rng
+from tinyllm import backend, rng, threads
 from tinyllm.autograd import no_grad
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
@@ -40,6 +40,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "cpu"
     dtype: str = "float32"
+    threads: int = 0                 # CPU threads for the heavy layers (tinyllm.threads); 0: chosen by size
     # model (GPTConfig fields)
     n_layer: int = 4
     n_head: int = 4
@@ -76,6 +77,8 @@ class TrainConfig:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"--dtype {self.dtype}: training runs in float32 (or float64); mixed precision "
                              "(bfloat16/float16 with float32 master weights) is not implemented yet")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be 0 (chosen by model size) or more, got {self.threads}")
         if self.lr_decay_iters is None:
             self.lr_decay_iters = self.max_iters
         if self.ckpt_interval is None:
@@ -329,7 +332,9 @@ class Trainer:
         start_time = time.perf_counter()
         start_step = self.step
         window_time, window_steps = time.perf_counter(), 0
-        self.log(f"model: {self.model.num_parameters():,} parameters; data: {self.data_dir} "
+        where = (f"{cfg.device}, {threads.get_num_threads()} thread(s)" if backend.check_device(cfg.device) == "cpu"
+                 else cfg.device)
+        self.log(f"model: {self.model.num_parameters():,} parameters on {where}; data: {self.data_dir} "
                  f"(vocab {self.meta['vocab_size']}); {cfg.max_iters} steps of {tokens_per_step} tokens")
         previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
         try:
@@ -427,14 +432,19 @@ def main(argv=None):
         cfg = parse_config(argv)
         backend.keep_freed_host_memory()  # reuse activation memory step after step (see its docstring)
         on_cpu = backend.check_device(cfg.device) == "cpu"
+        if on_cpu:
+            threads.set_num_threads(cfg.threads or threads.default_num_threads(
+                cfg.batch_size, cfg.block_size, cfg.n_embd))
         trainer = Trainer(cfg, after_first_step=backend.move_heap_to_huge_pages if on_cpu else None)
         code = trainer.run()
+        if code == 0 and cfg.sample_tokens > 0:
+            print(f"\nbest val loss {trainer.best_val:.4f}; a sample ({cfg.sample_tokens} tokens):\n")
+            print(trainer.sample(cfg.sample_tokens))
+        return code
     except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
         if os.environ.get("TINYLLM_DEBUG"):
             raise
         print(f"tinyllm train: error: {e}", file=sys.stderr)
         return 2
-    if code == 0 and cfg.sample_tokens > 0:
-        print(f"\nbest val loss {trainer.best_val:.4f}; a sample ({cfg.sample_tokens} tokens):\n")
-        print(trainer.sample(cfg.sample_tokens))
-    return code
+    finally:
+        threads.set_num_threads(1)  # hand the process back as it was (main may be called from Python)

@@ -13,13 +13,14 @@ are in docs/layers.md, under the same names as the code.
 Performance notes (all of them keep the code readable):
 - float32 stays float32: constants are Python floats, which take the array's dtype;
 - arrays the op created itself are updated in place (`y *= ...`), the inputs never are;
-- matrix products are 2-D GEMMs (linear) or plain batched matmuls (attention).
+- matrix products are 2-D GEMMs (linear) or plain batched matmuls (attention);
+- on the CPU, the heavy ops cut their rows over tinyllm.threads (one call when there is one thread).
 """
 import math
 
 import numpy
 
-from tinyllm import backend, rng
+from tinyllm import backend, rng, threads
 from tinyllm.autograd import Function, Tensor
 from tinyllm.backend import get_array_module
 
@@ -80,7 +81,7 @@ class Linear(Function):
         self.x_shape = x.shape
         self.x2 = x.reshape(-1, x.shape[-1])      # (N, in): every leading axis is one more row
         self.w = w                                # (out, in)
-        y2 = self.x2 @ w.T                        # (N, out)
+        y2 = threads.matmul(self.x2, w.T)         # (N, out); its rows split over the CPU threads, if any
         if b is not None:
             y2 += b                               # (out,) broadcast over rows
         return y2.reshape(x.shape[:-1] + (w.shape[0],))
@@ -91,8 +92,8 @@ class Linear(Function):
     #   gb[o]    = Σ_n gy[n, o]                -> gb  = gy2 summed over rows
     def backward(self, gy):
         gy2 = gy.reshape(-1, gy.shape[-1])        # (N, out)
-        gx = (gy2 @ self.w).reshape(self.x_shape) if self.needs_input_grad[0] else None
-        gw = gy2.T @ self.x2 if self.needs_input_grad[1] else None
+        gx = threads.matmul(gy2, self.w).reshape(self.x_shape) if self.needs_input_grad[0] else None
+        gw = threads.matmul(gy2.T, self.x2) if self.needs_input_grad[1] else None
         if len(self.needs_input_grad) == 2:
             return gx, gw
         gb = gy2.sum(axis=0) if self.needs_input_grad[2] else None
@@ -170,15 +171,27 @@ class LayerNorm(Function):
         w = params[0] if self.has_weight else None
         b = params[-1] if self.has_bias else None
         xp = get_array_module(x)
-        n = x - _mean_last(x)                                # (..., C) centred x, an array we own
-        var = _dot_last(n, n) / x.shape[-1]                  # (..., 1) biased variance
-        rstd = 1.0 / xp.sqrt(var + self.eps)                 # (..., 1)
-        n *= rstd                                            # n = (x - mean) * rstd
+        X = x.reshape(-1, x.shape[-1])                       # (N, C) rows
+        n = xp.empty(X.shape, dtype=x.dtype)                 # n = (x − mean)·rstd, saved instead of x
+        rstd = xp.empty((X.shape[0], 1), dtype=x.dtype)
+        y = xp.empty(X.shape, dtype=x.dtype)
+        threads.parallel_for(len(X), lambda i, j: self.forward_rows(X[i:j], w, b, n[i:j], rstd[i:j], y[i:j]), xp)
         self.n, self.rstd, self.w = n, rstd, w               # n, not x: backward needs only n (same memory)
-        y = n * w if w is not None else n.copy()
+        return y.reshape(x.shape)
+
+    def forward_rows(self, x, w, b, n, rstd, y):
+        """Rows x (N, C) -> n, rstd (N, 1) and y, written into the arrays given."""
+        xp = get_array_module(x)
+        xp.subtract(x, _mean_last(x), out=n)                 # centred x
+        var = _dot_last(n, n) / x.shape[-1]                  # (N, 1) biased variance
+        xp.divide(1.0, xp.sqrt(var + self.eps), out=rstd)    # (N, 1)
+        n *= rstd                                            # n = (x − mean)·rstd
+        if w is not None:
+            xp.multiply(n, w, out=y)
+        else:
+            y[...] = n
         if b is not None:
             y += b
-        return y
 
     # With n = (x - mean)·rstd and y = n·w + b (C features per row; means are over them):
     #   gw = Σ_rows gy·n,   gb = Σ_rows gy,   gn = gy·w.
@@ -186,21 +199,35 @@ class LayerNorm(Function):
     #   ∂n_j/∂x_i = rstd·(δ_ij − 1/C) − n_j·n_i·rstd/C
     # so gx_i = Σ_j gn_j ∂n_j/∂x_i = rstd·(gn_i − mean(gn) − n_i·mean(gn·n)).
     def backward(self, gy):
-        n = self.n
-        gx = gw = gb = None
-        if self.has_weight and self.needs_input_grad[1]:
-            gw = _rows_dot(gy, n)                            # (C,)
-        if self.has_bias and self.needs_input_grad[-1]:
-            gb = _rows(gy)                                   # (C,)
-        if self.needs_input_grad[0]:
-            gx = gy * self.w if self.w is not None else gy.copy()   # gn, then gx in place
-            gn_mean = _mean_last(gx)                         # (..., 1) mean(gn)
-            gn_n_mean = _dot_last(gx, n) / n.shape[-1]       # (..., 1) mean(gn·n)
-            gx -= gn_mean
-            gx -= n * gn_n_mean
-            gx *= self.rstd
+        xp = get_array_module(gy)
+        GY = gy.reshape(self.n.shape)                        # (N, C) rows
+        gx = xp.empty(self.n.shape, dtype=gy.dtype) if self.needs_input_grad[0] else None
+        need_w = self.has_weight and self.needs_input_grad[1]
+        need_b = self.has_bias and self.needs_input_grad[-1]
+        parts = threads.parallel_for(len(GY), lambda i, j: self.backward_rows(
+            GY[i:j], self.n[i:j], self.rstd[i:j], None if gx is None else gx[i:j], need_w, need_b), xp)
+        gw = sum(part[0] for part in parts) if need_w else None   # the row sums add up over the parts
+        gb = sum(part[1] for part in parts) if need_b else None
+        if gx is not None:
+            gx = gx.reshape(gy.shape)
         grads = (gx,) + ((gw,) if self.has_weight else ()) + ((gb,) if self.has_bias else ())
         return grads if len(grads) > 1 else gx
+
+    def backward_rows(self, gy, n, rstd, gx, need_w, need_b):
+        """Rows gy (N, C) -> gx written into gx (unless None); returns this part's (gw, gb) row sums."""
+        gw = _rows_dot(gy, n) if need_w else None            # (C,)
+        gb = _rows(gy) if need_b else None                   # (C,)
+        if gx is not None:
+            if self.w is not None:
+                get_array_module(gy).multiply(gy, self.w, out=gx)   # gn, then gx in place
+            else:
+                gx[...] = gy
+            gn_mean = _mean_last(gx)                         # (N, 1) mean(gn)
+            gn_n_mean = _dot_last(gx, n) / n.shape[-1]       # (N, 1) mean(gn·n)
+            gx -= gn_mean
+            gx -= n * gn_n_mean
+            gx *= rstd
+        return gw, gb
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
@@ -259,30 +286,38 @@ class GELU(Function):
 
     def forward(self, x):
         self.x = x
-        x2 = x * x
-        th = _gelu_tanh(x, x2, out=x2)                       # tanh(u), in place of x²
-        th += 1.0
-        th *= x
-        th *= 0.5                                            # y = 0.5·x·(1 + tanh u)
-        return th
+        y = get_array_module(x).empty(x.shape, dtype=x.dtype)
+        return _elementwise(_gelu_forward, y, x)
 
     # dy/dx = 0.5·(1 + th) + 0.5·x·(1 − th²)·du/dx,   du/dx = k·(1 + 3a·x²).
     # With s = 1 + th, 1 − th² = s·(2 − s), so   dy/dx = s·(0.5 + p·(2 − s)),   p = 0.5·x·du/dx
     # (the fewest passes over the (N, 4C) arrays we found: 14, tanh recomputed included).
     def backward(self, gy):
-        xp = get_array_module(gy)
-        x = self.x
-        p = x * x                                            # x²
-        s = _gelu_tanh(x, p)                                 # recomputed: tanh(u)
-        s += 1.0                                             # s = 1 + tanh u
-        p *= 1.5 * _GELU_K * _GELU_A
-        p += 0.5 * _GELU_K
-        p *= x                                               # p = 0.5·x·k·(1 + 3a·x²)
-        p *= xp.subtract(2.0, s)
-        p += 0.5
-        p *= s                                               # dy/dx
-        p *= gy
-        return p
+        gx = get_array_module(gy).empty(gy.shape, dtype=gy.dtype)
+        return _elementwise(_gelu_backward, gx, self.x, gy)
+
+
+def _gelu_forward(y, x):
+    """y = 0.5·x·(1 + tanh u), written into y."""
+    th = _gelu_tanh(x, get_array_module(x).multiply(x, x, out=y), out=y)   # tanh(u), in place of x²
+    th += 1.0
+    th *= x
+    th *= 0.5
+
+
+def _gelu_backward(gx, x, gy):
+    """gx = gy · dy/dx, written into gx."""
+    xp = get_array_module(x)
+    p = xp.multiply(x, x, out=gx)                            # x²
+    s = _gelu_tanh(x, p)                                     # recomputed: tanh(u)
+    s += 1.0                                                 # s = 1 + tanh u
+    p *= 1.5 * _GELU_K * _GELU_A
+    p += 0.5 * _GELU_K
+    p *= x                                                   # p = 0.5·x·k·(1 + 3a·x²)
+    p *= xp.subtract(2.0, s)
+    p += 0.5
+    p *= s                                                   # dy/dx
+    p *= gy
 
 
 def _gelu_tanh(x, x2, out=None):
@@ -291,6 +326,18 @@ def _gelu_tanh(x, x2, out=None):
     th += _GELU_K
     th *= x                                                  # u = k·x + k·a·x³
     return get_array_module(x).tanh(th, out=th)
+
+
+def _elementwise(kernel, out, *arrays):
+    """kernel(out_part, *parts) on matching parts of the flattened arrays, cut over the CPU threads.
+
+    out is a fresh contiguous array of the op's (so its flat view writes through); the inputs may
+    be any views (flattening copies those that are not contiguous). Returns out.
+    """
+    flat_out, flat = out.reshape(-1), [a.reshape(-1) for a in arrays]
+    threads.parallel_for(out.size, lambda i, j: kernel(flat_out[i:j], *(a[i:j] for a in flat)),
+                         get_array_module(out))
+    return out
 
 
 def gelu(x):
@@ -512,6 +559,8 @@ class ScaledDotProductAttention(Function):
     and a block of its rows stacked as (B, Hkv, G·Tb, D) lets ONE batched matmul per step serve the
     whole group without repeating k/v. Causal attention works in two query blocks from T >= split_min
     (see _query_blocks); each block is the same computation on its rows and the keys it can see.
+    The batch is cut over the CPU threads (tinyllm.threads): each part runs forward_rows or
+    backward_rows on its own sequences.
     """
 
     def __init__(self, causal=True, split_min=SPLIT_MIN_QUERIES):
@@ -523,26 +572,35 @@ class ScaledDotProductAttention(Function):
         Hkv, S = k.shape[1], k.shape[2]
         G = H // Hkv
         self.scale = 1.0 / math.sqrt(D)
-        # q̃ = scale·q in a fresh contiguous array (q is often a transposed view); [:, j, g] is head j·G + g
-        qg = xp.multiply(q, self.scale, out=xp.empty(q.shape, dtype=q.dtype)).reshape(B, Hkv, G, T, D)
+        self.blocks = _query_blocks(T, S, self.causal, self.split_min)
+        self.qg = xp.empty(q.shape, dtype=q.dtype)           # q̃ = scale·q, contiguous: [:, j, g] is head j·G + g
         # y is laid out in memory like q (empty_like keeps the axis order): when q is a transposed view
         # of (B, T, H, D) rows, as in the model, transposing y back to (B, T, H·D) is a view, not a copy
-        y = xp.empty_like(q).reshape(B, Hkv, G, T, D)
-        self.blocks, self.P = _query_blocks(T, S, self.causal, self.split_min), []
-        for r0, r1, s1 in self.blocks:
-            Tb = r1 - r0
-            qb = qg[:, :, :, r0:r1].reshape(B, Hkv, G * Tb, D)   # the group's query rows, stacked
-            P = qb @ k[:, :, :s1].swapaxes(-1, -2)           # (B, Hkv, G·Tb, s1) scores (scaled via q)
+        self.y = xp.empty_like(q)
+        self.P = [xp.empty((B, Hkv, G * (r1 - r0), s1), dtype=q.dtype) for r0, r1, s1 in self.blocks]
+        self.k, self.v = k, v
+        threads.parallel_for(B, lambda b0, b1: self.forward_rows(slice(b0, b1), q), xp)
+        return self.y
+
+    def forward_rows(self, bs, q):
+        """The forward for the sequences bs of the batch, into self.qg, self.P and self.y."""
+        xp = get_array_module(q)
+        B, H, T, D = q.shape
+        Hkv = self.k.shape[1]
+        G = H // Hkv
+        xp.multiply(q[bs], self.scale, out=self.qg[bs])      # scale q (T·D numbers), not the scores
+        qg, y = self.qg[bs].reshape(-1, Hkv, G, T, D), self.y[bs].reshape(-1, Hkv, G, T, D)
+        for (r0, r1, s1), P in zip(self.blocks, self.P):
+            Tb, P = r1 - r0, P[bs]
+            qb = qg[:, :, :, r0:r1].reshape(-1, Hkv, G * Tb, D)  # the group's query rows, stacked
+            xp.matmul(qb, self.k[bs, :, :s1].swapaxes(-1, -2), out=P)   # (b, Hkv, G·Tb, s1) scores
             if self.causal:
-                P5 = P.reshape(B, Hkv, G, Tb, s1)            # a view: row g·Tb + i is query r0 + i of head g
-                P5 += _causal_bias(xp, Tb, s1, P.dtype)      # (Tb, s1) broadcast over B, Hkv, G
+                P5 = P.reshape(-1, Hkv, G, Tb, s1)           # a view: row g·Tb + i is query r0 + i of head g
+                P5 += _causal_bias(xp, Tb, s1, P.dtype)      # (Tb, s1) broadcast over b, Hkv, G
             P -= P.max(axis=-1, keepdims=True)               # softmax in place over keys
             xp.exp(P, out=P)
-            P /= P.sum(axis=-1, keepdims=True)               # (B, Hkv, G·Tb, s1) probabilities
-            y[:, :, :, r0:r1] = (P @ v[:, :, :s1]).reshape(B, Hkv, G, Tb, D)
-            self.P.append(P)
-        self.qg, self.k, self.v, self.y = qg, k, v, y
-        return y.reshape(B, H, T, D)
+            P /= P.sum(axis=-1, keepdims=True)               # (b, Hkv, G·Tb, s1) probabilities
+            y[:, :, :, r0:r1] = (P @ self.v[bs, :, :s1]).reshape(-1, Hkv, G, Tb, D)
 
     # With S = q̃ kᵀ (+ mask), q̃ = scale·q, P = softmax(S) row by row, y = P v (per batch and k/v head,
     # the group's query rows stacked; per query block, over the keys it sees):
@@ -554,42 +612,47 @@ class ScaledDotProductAttention(Function):
     #   gk = gSᵀ q̃                      (B, Hkv, S, D)   summed over the group by the matmul again
     # Each query block adds its share to gk and gv over the keys it saw (:s1).
     def backward(self, gy):
-        B, Hkv, G, T, D = self.y.shape
-        need_q, need_k, need_v = self.needs_input_grad
         xp = get_array_module(gy)
-        gq = xp.empty_like(gy) if need_q else None          # laid out like gy, like y, like q; all rows written
-        gy = gy.reshape(B, Hkv, G, T, D)                     # a view: only the head axis is split
-        gq5 = gq.reshape(B, Hkv, G, T, D) if need_q else None
-        gk = gv = None
+        need_q, need_k, need_v = self.needs_input_grad
+        # gradients laid out like their inputs (gy is laid out like y, like q), all rows written below
+        grads = (xp.empty_like(gy) if need_q else None, xp.empty_like(self.k) if need_k else None,
+                 xp.empty_like(self.v) if need_v else None)
+        threads.parallel_for(gy.shape[0], lambda b0, b1: self.backward_rows(slice(b0, b1), gy, *grads), xp)
+        return grads
+
+    def backward_rows(self, bs, gy, gq, gk, gv):
+        """The backward for the sequences bs of the batch, into gq[bs], gk[bs] and gv[bs]."""
+        B, Hkv, S, D = self.k.shape
+        H, T = gy.shape[1], gy.shape[2]
+        G = H // Hkv
+        gy = gy[bs].reshape(-1, Hkv, G, T, D)                # a view: only the head axis is split
+        y, qg = self.y[bs].reshape(gy.shape), self.qg[bs].reshape(gy.shape)
+        gq5 = gq[bs].reshape(gy.shape) if gq is not None else None
         for (r0, r1, s1), P in reversed(list(zip(self.blocks, self.P))):  # the last block sees every key
+            every_key = s1 == S
             rows = (slice(None), slice(None), slice(None), slice(r0, r1))
-            gyb = gy[rows].reshape(B, Hkv, G * (r1 - r0), D)
-            if need_v:
-                gv = _add_key_rows(gv, P.swapaxes(-1, -2), gyb, like=self.v)   # Pᵀ gy, (B, Hkv, s1, D)
-            if need_q or need_k:
-                gS = gyb @ self.v[:, :, :s1].swapaxes(-1, -2)               # gP, (B, Hkv, G·Tb, s1)
-                gS -= _dot_last(gyb, self.y[rows].reshape(gyb.shape))       # gP − rowsum(gP ⊙ P), as gy·y
-                gS *= P                                                     # gS
-                if need_q:
-                    gq5[rows] = (gS @ self.k[:, :, :s1]).reshape(gq5[rows].shape)
-                if need_k:
-                    qb = self.qg[rows].reshape(gyb.shape)                   # q̃ rows, already scaled
-                    gk = _add_key_rows(gk, gS.swapaxes(-1, -2), qb, like=self.k)   # gSᵀ q̃, (B, Hkv, s1, D)
-        if need_q:
-            gq *= self.scale                                 # (B, H, T, D)
-        return gq, gk, gv
+            P = P[bs]
+            gyb = gy[rows].reshape(-1, Hkv, G * (r1 - r0), D)
+            if gv is not None:
+                _add_key_rows(gv[bs], P.swapaxes(-1, -2), gyb, every_key)            # Pᵀ gy
+            if gq is not None or gk is not None:
+                gS = gyb @ self.v[bs, :, :s1].swapaxes(-1, -2)                      # gP, (b, Hkv, G·Tb, s1)
+                gS -= _dot_last(gyb, y[rows].reshape(gyb.shape))                     # gP − rowsum(gP ⊙ P), as gy·y
+                gS *= P                                                              # gS
+                if gq is not None:
+                    gq5[rows] = (gS @ self.k[bs, :, :s1]).reshape(gq5[rows].shape)
+                if gk is not None:
+                    _add_key_rows(gk[bs], gS.swapaxes(-1, -2), qg[rows].reshape(gyb.shape), every_key)  # gSᵀ q̃
+        if gq is not None:
+            gq5 *= self.scale
 
 
-def _add_key_rows(total, a, b, like):
-    """total[..., :s1, :] += a @ b for a block that saw the first s1 keys; the first call makes total.
-
-    The first call is the block that saw every key. Its product is written straight into an array
-    laid out like k or v (`like`), so that the model's transposes of the gradient stay views.
-    """
-    if total is None:
-        return get_array_module(a).matmul(a, b, out=get_array_module(a).empty_like(like))
-    total[..., :a.shape[-2], :] += a @ b
-    return total
+def _add_key_rows(total, a, b, every_key):
+    """total = a @ b for the block that saw every key (it comes first), else total[..., :s1, :] += a @ b."""
+    if every_key:
+        get_array_module(a).matmul(a, b, out=total)          # straight into total, laid out like k or v
+    else:
+        total[..., :a.shape[-2], :] += a @ b
 
 
 def scaled_dot_product_attention(q, k, v, causal=True):

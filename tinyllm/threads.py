@@ -1,0 +1,142 @@
+"""CPU threads for the heavy layers: cut a layer's rows into one part per core.
+
+NumPy runs elementwise math on one core; only its BLAS (the matrix products) uses them all. A
+training step on a small CPU spends a fifth to a third of its time outside matrix products
+(GELU, softmax, layer norm), so with one core busy and the others idle, that part runs at half
+speed on two cores, a quarter on four.
+
+`set_num_threads(n)` with n > 1 changes that: NumPy's BLAS goes down to one thread, tinyllm keeps
+n − 1 worker threads, and the heavy fused layers (Linear, attention, GELU, layer norm) cut their
+rows into n contiguous parts and run the parts at once. NumPy releases the GIL inside its loops
+and BLAS calls, so the parts really do run in parallel, matrix products included. Why not leave
+BLAS threaded and add threads only for the elementwise work: OpenBLAS's idle threads spin for a
+while after every call and take the core from any other thread (measured in docs/benchmarks.md).
+
+With one thread (the default for `import tinyllm`) every `parallel_for` is a plain call on the
+calling thread: the NumPy of the textbook, easiest to step through in a debugger. `tinyllm train`
+uses every core for big models (its `--threads` option; see default_num_threads). CuPy arrays
+never go through the threads: a GPU is parallel already.
+"""
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy
+
+_workers = None         # ThreadPoolExecutor with n − 1 threads, or None: everything runs serially
+_num_threads = 1
+_blas_threads = None    # BLAS's own thread count before set_num_threads took it over
+_inside = threading.local()   # .busy is True while a thread runs a part (parts never split again)
+
+
+# A thread that sleeps between parts takes tens of microseconds to wake (more in a virtual machine),
+# so cutting pays off only for big layers. `tinyllm train` uses every core once one (B, T, C)
+# activation holds this many numbers, and one thread (with NumPy's own threaded BLAS) below it:
+# measured on 2 cores, the "char" config (B·T·C = 786,432) ran 12-20% faster on tinyllm's threads
+# and the "baby" one (98,304) 25-40% slower (docs/benchmarks.md).
+MIN_ACTIVATION_SIZE = 1 << 18
+
+
+def default_num_threads(batch_size, block_size, n_embd, cores=None):
+    """The thread count `tinyllm train` picks by default: every core for big layers, else 1."""
+    cores = cores or os.cpu_count() or 1
+    return cores if batch_size * block_size * n_embd >= MIN_ACTIVATION_SIZE else 1
+
+
+def get_num_threads():
+    """How many threads the heavy layers use (1: serial)."""
+    return _num_threads
+
+
+def set_num_threads(n):
+    """Use n threads for the heavy layers; returns the number now in effect.
+
+    n > 1 needs control over NumPy's BLAS threads (OpenBLAS, as in NumPy's wheels on Linux and
+    Windows); without it tinyllm's threads would compete with BLAS's, so it stays at 1 and says so
+    by returning 1. n = 1 stops the workers and gives BLAS back its thread count.
+    """
+    global _workers, _num_threads, _blas_threads
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"set_num_threads needs n >= 1, got {n}")
+    if n == _num_threads:
+        return n
+    if _workers is not None:
+        _workers.shutdown()
+        _workers, _num_threads = None, 1
+    blas = _openblas_threads_control()
+    if n == 1:
+        if blas is not None and _blas_threads is not None:
+            blas[0](_blas_threads)
+        _blas_threads = None
+        return 1
+    if blas is None:
+        return 1
+    set_blas, get_blas = blas
+    if _blas_threads is None:
+        _blas_threads = get_blas()
+    set_blas(1)
+    _workers = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="tinyllm")
+    _num_threads = n
+    return n
+
+
+def parallel_for(n, body, xp=numpy):
+    """[body(start, stop) for each part]: n items cut into one contiguous part per thread.
+
+    The parts run at once, the first on the calling thread; the results come back in order. One
+    call body(0, n) when there is one thread, for CuPy (xp is not numpy), for fewer than 2 items,
+    and inside a part (no nesting, so the workers can never wait on each other).
+    """
+    k = min(_num_threads, n)
+    if k < 2 or xp is not numpy or getattr(_inside, "busy", False):
+        return [body(0, n)]
+    bounds = [n * i // k for i in range(k + 1)]
+    later = [_workers.submit(_run_part, body, bounds[i], bounds[i + 1]) for i in range(1, k)]
+    first = _run_part(body, bounds[0], bounds[1])
+    return [first] + [part.result() for part in later]
+
+
+def _run_part(body, start, stop):
+    _inside.busy = True
+    try:
+        return body(start, stop)
+    finally:
+        _inside.busy = False
+
+
+def matmul(a, b):
+    """a @ b for 2-D arrays, the rows of a cut over the threads (each part one BLAS call)."""
+    xp = numpy if isinstance(a, numpy.ndarray) else None
+    if xp is None or _num_threads == 1:
+        return a @ b
+    out = numpy.empty((a.shape[0], b.shape[1]), dtype=numpy.result_type(a, b))
+    parallel_for(a.shape[0], lambda r0, r1: numpy.matmul(a[r0:r1], b, out=out[r0:r1]))
+    return out
+
+
+def _openblas_threads_control():
+    """(set, get) for the thread count of the OpenBLAS that NumPy loaded, or None if not found.
+
+    NumPy's wheels bundle OpenBLAS under a prefixed name (scipy_openblas...); the library is found
+    among the files this process has mapped (Linux), and its thread functions by their names.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
+                    return setter, getter
+    return None
