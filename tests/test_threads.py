@@ -12,11 +12,18 @@ from tinyllm.gradcheck import gradcheck_report
 
 
 @pytest.fixture
-def two_threads():
+def two_threads(monkeypatch):
     if threads.set_num_threads(2) != 2:
         pytest.skip("no control over NumPy's BLAS threads here (not OpenBLAS on Linux)")
+    monkeypatch.setattr(threads, "MIN_PARALLEL_SIZE", 0)  # cut even the tiny arrays of the tests
     yield
     threads.set_num_threads(1)
+
+
+def test_small_work_is_not_cut(two_threads, monkeypatch):
+    monkeypatch.setattr(threads, "MIN_PARALLEL_SIZE", 100)
+    assert threads.parallel_for(8, lambda a, b: (a, b), size=99) == [(0, 8)]
+    assert threads.parallel_for(8, lambda a, b: (a, b), size=100) == [(0, 4), (4, 8)]
 
 
 def test_one_thread_is_the_default_and_runs_on_the_caller():

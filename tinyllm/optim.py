@@ -127,7 +127,8 @@ class AdamW:
             if data.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous:
                 # elementwise, so any cut of the flat arrays works: one part per CPU thread
                 flat = [a.reshape(-1) for a in (data, grad, m, v)]
-                threads.parallel_for(data.size, lambda i, j: _adamw_update(*(a[i:j] for a in flat), *hyper), xp)
+                threads.parallel_for(data.size, lambda i, j: _adamw_update(*(a[i:j] for a in flat), *hyper), xp,
+                                     size=data.size)
             else:
                 _adamw_update(data, grad, m, v, *hyper)
 

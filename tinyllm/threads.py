@@ -36,6 +36,9 @@ _inside = threading.local()   # .busy is True while a thread runs a part (parts 
 # measured on 2 cores, the "char" config (B·T·C = 786,432) ran 12-20% faster on tinyllm's threads
 # and the "baby" one (98,304) 25-40% slower (docs/benchmarks.md).
 MIN_ACTIVATION_SIZE = 1 << 18
+# Below this many elements an op is not cut at all (a layer norm's weight in AdamW, for one): handing
+# a part to a worker costs about 25 us, about what a few passes over 2^16 float32 numbers take.
+MIN_PARALLEL_SIZE = 1 << 16
 
 
 def default_num_threads(batch_size, block_size, n_embd, cores=None):
@@ -82,15 +85,17 @@ def set_num_threads(n):
     return n
 
 
-def parallel_for(n, body, xp=numpy):
+def parallel_for(n, body, xp=numpy, size=None):
     """[body(start, stop) for each part]: n items cut into one contiguous part per thread.
 
     The parts run at once, the first on the calling thread; the results come back in order. One
     call body(0, n) when there is one thread, for CuPy (xp is not numpy), for fewer than 2 items,
-    and inside a part (no nesting, so the workers can never wait on each other).
+    when `size` (how many array elements the work touches) is below MIN_PARALLEL_SIZE, and inside
+    a part (no nesting, so the workers can never wait on each other).
     """
     k = min(_num_threads, n)
-    if k < 2 or xp is not numpy or getattr(_inside, "busy", False):
+    small = size is not None and size < MIN_PARALLEL_SIZE
+    if k < 2 or small or xp is not numpy or getattr(_inside, "busy", False):
         return [body(0, n)]
     bounds = [n * i // k for i in range(k + 1)]
     later = [_workers.submit(_run_part, body, bounds[i], bounds[i + 1]) for i in range(1, k)]

@@ -175,7 +175,8 @@ class LayerNorm(Function):
         n = xp.empty(X.shape, dtype=x.dtype)                 # n = (x − mean)·rstd, saved instead of x
         rstd = xp.empty((X.shape[0], 1), dtype=x.dtype)
         y = xp.empty(X.shape, dtype=x.dtype)
-        threads.parallel_for(len(X), lambda i, j: self.forward_rows(X[i:j], w, b, n[i:j], rstd[i:j], y[i:j]), xp)
+        threads.parallel_for(len(X), lambda i, j: self.forward_rows(X[i:j], w, b, n[i:j], rstd[i:j], y[i:j]), xp,
+                             size=X.size)
         self.n, self.rstd, self.w = n, rstd, w               # n, not x: backward needs only n (same memory)
         return y.reshape(x.shape)
 
@@ -205,7 +206,8 @@ class LayerNorm(Function):
         need_w = self.has_weight and self.needs_input_grad[1]
         need_b = self.has_bias and self.needs_input_grad[-1]
         parts = threads.parallel_for(len(GY), lambda i, j: self.backward_rows(
-            GY[i:j], self.n[i:j], self.rstd[i:j], None if gx is None else gx[i:j], need_w, need_b), xp)
+            GY[i:j], self.n[i:j], self.rstd[i:j], None if gx is None else gx[i:j], need_w, need_b), xp,
+            size=GY.size)
         gw = sum(part[0] for part in parts) if need_w else None   # the row sums add up over the parts
         gb = sum(part[1] for part in parts) if need_b else None
         if gx is not None:
@@ -336,7 +338,7 @@ def _elementwise(kernel, out, *arrays):
     """
     flat_out, flat = out.reshape(-1), [a.reshape(-1) for a in arrays]
     threads.parallel_for(out.size, lambda i, j: kernel(flat_out[i:j], *(a[i:j] for a in flat)),
-                         get_array_module(out))
+                         get_array_module(out), size=out.size)
     return out
 
 
@@ -579,7 +581,7 @@ class ScaledDotProductAttention(Function):
         self.y = xp.empty_like(q)
         self.P = [xp.empty((B, Hkv, G * (r1 - r0), s1), dtype=q.dtype) for r0, r1, s1 in self.blocks]
         self.k, self.v = k, v
-        threads.parallel_for(B, lambda b0, b1: self.forward_rows(slice(b0, b1), q), xp)
+        threads.parallel_for(B, lambda b0, b1: self.forward_rows(slice(b0, b1), q), xp, size=self.P[-1].size)
         return self.y
 
     def forward_rows(self, bs, q):
@@ -617,7 +619,8 @@ class ScaledDotProductAttention(Function):
         # gradients laid out like their inputs (gy is laid out like y, like q), all rows written below
         grads = (xp.empty_like(gy) if need_q else None, xp.empty_like(self.k) if need_k else None,
                  xp.empty_like(self.v) if need_v else None)
-        threads.parallel_for(gy.shape[0], lambda b0, b1: self.backward_rows(slice(b0, b1), gy, *grads), xp)
+        threads.parallel_for(gy.shape[0], lambda b0, b1: self.backward_rows(slice(b0, b1), gy, *grads), xp,
+                             size=self.P[-1].size)
         return grads
 
     def backward_rows(self, bs, gy, gq, gk, gv):
