@@ -218,6 +218,53 @@ def measure_memory(framework, name, default_malloc, steps=3):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def print_op_times(step, steps=5):
+    """ms per step in each tinyllm op's forward and backward, and in AdamW.step: timers wrapped around them."""
+    import collections
+
+    from tinyllm.autograd import OPS
+    from tinyllm.optim import AdamW
+    totals, originals = collections.Counter(), []
+
+    def wrap(cls, name):
+        original = getattr(cls, name)
+
+        def timed(self, *args):
+            t0 = time.perf_counter()
+            try:
+                return original(self, *args)
+            finally:
+                totals[f"{cls.__name__}.{name}"] += time.perf_counter() - t0
+        setattr(cls, name, timed)
+        originals.append((cls, name, original))
+    for cls in list(OPS.values()) + [AdamW]:
+        for name in ("forward", "backward", "step"):
+            if name in vars(cls):
+                wrap(cls, name)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total = (time.perf_counter() - t0) / steps
+    finally:
+        for cls, name, original in originals:
+            setattr(cls, name, original)
+    print(f"tinyllm, ms per step (mean of {steps} steps of {total * 1e3:.1f} ms):")
+    for key, seconds in totals.most_common(12):
+        print(f"  {key:<40} {seconds / steps * 1e3:8.1f}")
+
+
+def print_torch_op_times(step, steps=5):
+    """ms per step of PyTorch's ops (self CPU time from torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    print(f"PyTorch, self CPU ms per step (mean of {steps} steps, under the profiler):")
+    for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]:
+        print(f"  {event.key[:40]:<40} {event.self_cpu_time_total / steps / 1e3:8.1f}")
+
+
 def bench(name, steps, warmup, profile, default_malloc):
     cfg = CONFIGS[name]
     x, y = make_batch(cfg)
@@ -248,10 +295,9 @@ def bench(name, steps, warmup, profile, default_malloc):
         from tinyllm.backend import move_heap_to_huge_pages
         print(f"heap moved to huge pages after the first steps: {move_heap_to_huge_pages()}")
     if profile:
-        import cProfile
-        import pstats
-        cProfile.runctx("for _ in range(5): tinyllm_step(model, optimizer, x, y)", globals(), locals(), "/tmp/prof")
-        pstats.Stats("/tmp/prof").sort_stats("tottime").print_stats(25)
+        print_op_times(lambda: tinyllm_step(model, optimizer, x, y))
+        if torch is not None:
+            print_torch_op_times(lambda: torch_step(tmodel, toptimizer, tx, ty))
     # Turns: TURN steps of one framework, then TURN of the other, after a rest (see PAUSE); the first
     # step of a turn only wakes the framework's threads and is not timed. A paired ratio per round.
     ours, theirs, paired, faults = [], [], [], [0, 0]
@@ -299,7 +345,8 @@ def main():
     p.add_argument("--config", choices=sorted(CONFIGS), action="append")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--profile", action="store_true", help="print a cProfile of five tinyllm steps")
+    p.add_argument("--profile", action="store_true",
+                   help="print where five steps of each framework spend their time, op by op")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc malloc and the heap's pages as they are; by default the benchmark does what "
                         "`tinyllm train` does, tinyllm.backend.keep_freed_host_memory() at the start and "
