@@ -91,8 +91,8 @@ class Module:
 
     @property
     def device(self):
-        ps = self.parameters()
-        return ps[0].device if ps else "cpu"
+        first = next(self.named_parameters(), None)          # the first parameter is enough
+        return first[1].device if first is not None else "cpu"
 
     # --- state_dict -----------------------------------------------------------------------------
     def _state_entries(self):
