@@ -1,9 +1,9 @@
 """CPU threads for the heavy layers: cut a layer's rows into one part per core.
 
 NumPy runs elementwise math on one core; only its BLAS (the matrix products) uses them all. A
-training step on a small CPU spends a fifth to a third of its time outside matrix products
-(GELU, softmax, layer norm), so with one core busy and the others idle, that part runs at half
-speed on two cores, a quarter on four.
+training step of the benchmark configs spends a third ("char") to a half ("baby") of its time
+outside matrix products (GELU, softmax, layer norm), and that part runs on one core however
+many there are.
 
 `set_num_threads(n)` with n > 1 changes that: NumPy's BLAS goes down to one thread, tinyllm keeps
 n − 1 worker threads, and the heavy fused layers (Linear, attention, GELU, layer norm) cut their
@@ -55,9 +55,9 @@ def get_num_threads():
 def set_num_threads(n):
     """Use n threads for the heavy layers; returns the number now in effect.
 
-    n > 1 needs control over NumPy's BLAS threads (OpenBLAS, as in NumPy's wheels on Linux and
-    Windows); without it tinyllm's threads would compete with BLAS's, so it stays at 1 and says so
-    by returning 1. n = 1 stops the workers and gives BLAS back its thread count.
+    n > 1 needs control over NumPy's BLAS threads (the OpenBLAS of NumPy's wheels, found on Linux);
+    without it tinyllm's threads would compete with BLAS's, so it stays at 1 and says so by
+    returning 1. n = 1 stops the workers and gives BLAS back its thread count.
     """
     global _workers, _num_threads, _blas_threads
     n = int(n)
