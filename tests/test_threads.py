@@ -111,3 +111,14 @@ def test_train_hands_the_threads_back(tmp_path):
     from tinyllm.train import main
     assert main(["--out", str(tmp_path / "x"), "--threads", "-1"]) == 2   # a clear error, nothing run
     assert threads.get_num_threads() == 1
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_runs_serially(two_threads):
+    import os
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's workers are gone, so parts must not be handed to them
+        ok = threads.get_num_threads() == 1 and threads.parallel_for(4, lambda a, b: (a, b)) == [(0, 4)]
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0

@@ -121,6 +121,16 @@ def matmul(a, b):
     return out
 
 
+def _forget_workers_in_child():
+    """A forked child has none of its parent's threads: it runs serially until told otherwise."""
+    global _workers, _num_threads
+    _workers, _num_threads = None, 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers_in_child)
+
+
 def _openblas_threads_control():
     """(set, get) for the thread count of the OpenBLAS that NumPy loaded, or None if not found.
 
