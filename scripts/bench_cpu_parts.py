@@ -1,0 +1,213 @@
+"""The measurements behind the CPU choices of issue 7, each against the alternative it replaced.
+
+    python scripts/bench_cpu_parts.py            # about a minute on 2 cores
+
+1. Threads: GELU right after a matrix product, on 1 or 2 threads, with NumPy's BLAS left threaded
+   (its idle worker spins) and with BLAS on one thread and the product cut by tinyllm.threads.
+2. GELU backward: the textbook order (16 passes, written out here as the peer) against F.GELU's.
+3. Causal attention, forward + backward, in one query block against two (the default from T = 128).
+5. Two frameworks in one process: "baby" steps of tinyllm and PyTorch alternated one by one, with
+   no rest and with 0.2 s of rest before each step (needs torch; tinyllm on one thread, BLAS on 2).
+4. A whole "char" training step, tinyllm alone on one thread, with the heap on 4 KiB pages (NumPy's
+   huge-page request switched off) against the heap moved to 2 MiB pages after the first step.
+   Each case runs in a fresh process.
+Shapes are those of the "char" config of scripts/bench_cpu.py: B=8, T=256, C=384, 6 heads.
+Figures are the best of several runs (ms), since this measures code, not the machine's noise.
+"""
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import tinyllm.nn.functional as F  # noqa: E402
+from tinyllm import backend, threads  # noqa: E402
+
+B, T, C, H = 8, 256, 384, 6
+
+
+def best_ms(fn, repeat=20):
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def gelu_into(x, out):
+    F._gelu_forward(out, x)
+
+
+def part_threads():
+    r = np.random.default_rng(0)
+    x = r.standard_normal((B * T, C)).astype(np.float32)
+    w = r.standard_normal((C, 4 * C)).astype(np.float32)
+    h = r.standard_normal((B * T, 4 * C)).astype(np.float32)
+    out = np.empty_like(h)
+    half = len(h) // 2
+    pool = ThreadPoolExecutor(1)
+
+    def gelu_two_threads():
+        later = pool.submit(gelu_into, h[half:], out[half:])
+        gelu_into(h[:half], out[:half])
+        later.result()
+
+    print("## 1. threads: a (2048, 384) x (384, 1536) product, then GELU on (2048, 1536)")
+    product = best_ms(lambda: x @ w)
+    one = best_ms(lambda: (x @ w, gelu_into(h, out))) - product
+    two = best_ms(lambda: (x @ w, gelu_two_threads())) - product
+    print(f"BLAS on its own threads: product {product:.2f} ms; GELU after it: 1 thread {one:.2f} ms, "
+          f"2 threads {two:.2f} ms")
+    if threads.set_num_threads(2) == 2:
+        split = best_ms(lambda: threads.matmul(x, w))
+        gelu1 = best_ms(lambda: gelu_into(h, out))
+        gelu2 = best_ms(lambda: threads.parallel_for(len(h), lambda i, j: gelu_into(h[i:j], out[i:j])))
+        print(f"BLAS on 1 thread, tinyllm.threads on 2: product cut in two {split:.2f} ms; "
+              f"GELU 1 thread {gelu1:.2f} ms, cut over 2 {gelu2:.2f} ms")
+        threads.set_num_threads(1)
+    else:
+        print("no control over NumPy's BLAS threads here: tinyllm.threads stays at 1")
+    pool.shutdown()
+    print()
+
+
+def gelu_backward_textbook(x, gy):
+    """dy/dx = 0.5·(1 + th) + 0.5·x·(1 − th²)·du/dx, in the order the formula reads (16 passes)."""
+    k, a = F._GELU_K, F._GELU_A
+    th = x * x
+    th *= k * a
+    th += k
+    th *= x
+    np.tanh(th, out=th)
+    d = x * x
+    d *= 1.5 * k * a
+    d += 0.5 * k
+    d *= x
+    t = th * th
+    np.subtract(1.0, t, out=t)
+    d *= t
+    th *= 0.5
+    d += th
+    d += 0.5
+    d *= gy
+    return d
+
+
+def part_gelu_backward():
+    r = np.random.default_rng(1)
+    x = r.standard_normal((B, T, 4 * C)).astype(np.float32)
+    gy = r.standard_normal(x.shape).astype(np.float32)
+    op = F.GELU()
+    op.forward(x)
+    diff = np.abs(op.backward(gy) - gelu_backward_textbook(x, gy)).max()
+    print("## 2. GELU backward on (8, 256, 1536), one thread")
+    print(f"textbook order {best_ms(lambda: gelu_backward_textbook(x, gy)):.2f} ms, "
+          f"F.GELU {best_ms(lambda: op.backward(gy)):.2f} ms (largest difference {diff:.1e})")
+    print()
+
+
+def part_attention():
+    r = np.random.default_rng(2)
+    q, k, v, gy = (r.standard_normal((B, H, T, C // H)).astype(np.float32) for _ in range(4))
+
+    def forward_backward(split_min):
+        op = F.ScaledDotProductAttention(causal=True, split_min=split_min)
+        op.needs_input_grad = (True, True, True)
+        op.forward(q, k, v)
+        op.backward(gy)
+
+    print("## 3. causal attention, forward + backward, (8, 6, 256, 64), one thread")
+    print(f"one query block {best_ms(lambda: forward_backward(T + 1), 10):.2f} ms, "
+          f"two blocks {best_ms(lambda: forward_backward(F.SPLIT_MIN_QUERIES), 10):.2f} ms")
+    print()
+
+
+def step_child(pages):
+    """Run in a subprocess: median ms of a char step, tinyllm on one thread, the heap on `pages`."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_cpu
+    backend.keep_freed_host_memory()
+    if pages == "4k":
+        np._core.multiarray._set_madvise_hugepage(False)  # NumPy 2
+    cfg = bench_cpu.CONFIGS["char"]
+    x, y = bench_cpu.make_batch(cfg)
+    model, optimizer = bench_cpu.build_tinyllm(cfg)
+    bench_cpu.tinyllm_step(model, optimizer, x, y)
+    if pages == "2m":
+        backend.move_heap_to_huge_pages()
+    times = []
+    for _ in range(8):
+        t0 = time.perf_counter()
+        bench_cpu.tinyllm_step(model, optimizer, x, y)
+        times.append(time.perf_counter() - t0)
+    print(f"{statistics.median(times[2:]) * 1e3:.1f}")
+
+
+def part_pages():
+    print("## 4. a whole char step, tinyllm alone on one thread, a fresh process each (median of 6)")
+    labels = {"4k": "4 KiB pages (NumPy's huge-page request off)",
+              "2m": "heap moved to 2 MiB pages after the first step"}
+    runs = {pages: [] for pages in labels}
+    for _ in range(3):  # interleaved, so that a slow spell of the machine hits both
+        for pages in labels:
+            runs[pages].append(subprocess.run([sys.executable, __file__, "--step-child", pages],
+                                              capture_output=True, text=True, check=True).stdout.strip())
+    for pages, label in labels.items():
+        print(f"{label}: {', '.join(runs[pages])} ms")
+    print()
+
+
+def part_interference():
+    try:
+        import torch
+    except ImportError:
+        print("## 5. skipped: PyTorch is not installed\n")
+        return
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_cpu
+    cfg = bench_cpu.CONFIGS["baby"]
+    x, y = bench_cpu.make_batch(cfg)
+    model, optimizer = bench_cpu.build_tinyllm(cfg)
+    torch.set_num_threads(os.cpu_count())
+    tmodel, toptimizer = bench_cpu.build_torch(cfg, model.state_dict())
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    ours = lambda: bench_cpu.tinyllm_step(model, optimizer, x, y)  # noqa: E731
+    theirs = lambda: bench_cpu.torch_step(tmodel, toptimizer, tx, ty)  # noqa: E731
+    for _ in range(3):
+        ours(), theirs()
+    print("## 5. baby steps alternated one by one in one process (median of 10 each)")
+    for rest in (0.0, 0.2):
+        times = {"tinyllm": [], "PyTorch": []}
+        for _ in range(10):
+            for name, step in (("tinyllm", ours), ("PyTorch", theirs)):
+                time.sleep(rest)
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
+        a, b = (statistics.median(times[n]) * 1e3 for n in ("tinyllm", "PyTorch"))
+        print(f"rest {rest:.1f} s: tinyllm {a:.1f} ms, PyTorch {b:.1f} ms, ratio {a / b:.2f}")
+    print()
+
+
+def main():
+    if sys.argv[1:2] == ["--step-child"]:
+        return step_child(sys.argv[2])
+    print(f"numpy {np.__version__}, {os.cpu_count()} CPUs\n")
+    part_threads()
+    part_gelu_backward()
+    part_attention()
+    part_pages()
+    part_interference()
+
+
+if __name__ == "__main__":
+    main()
