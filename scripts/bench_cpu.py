@@ -161,7 +161,7 @@ def torch_step(model, optimizer, x, y):
 
 # ----------------------------------------------------------------------------------------------- runs
 
-def memory_child(framework, name, steps, default_malloc):
+def memory_child(framework, name, steps):
     """Run in a subprocess: print the peak RSS rise (MiB) during `steps` training steps."""
     cfg = CONFIGS[name]
     x, y = make_batch(cfg)
@@ -178,11 +178,8 @@ def memory_child(framework, name, steps, default_malloc):
     import gc
     gc.collect()
     before = _rss_mib()
-    for i in range(steps):
+    for _ in range(steps):
         step(model, optimizer, x, y)
-        if i == 0 and not default_malloc:
-            from tinyllm.backend import move_heap_to_huge_pages
-            move_heap_to_huge_pages()
     peak = _peak_rss_mib()
     print(json.dumps({"before_mib": before, "peak_mib": peak, "rise_mib": peak - before}))
 
@@ -192,14 +189,6 @@ def _peak_rss_mib():
     with open("/proc/self/status") as f:
         line = next(line for line in f if line.startswith("VmHWM:"))
     return int(line.split()[1]) / 1024
-
-
-def _anon_huge_mib():
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:")) / 1024
-    except (OSError, StopIteration):
-        return float("nan")
 
 
 def _page_faults():
@@ -291,9 +280,6 @@ def bench(name, steps, warmup, profile, default_malloc):
             raise SystemExit("the two models disagree: not timing different computations")
     else:
         tinyllm_step(model, optimizer, x, y)
-    if not default_malloc:  # as `tinyllm train` does after its first step; both frameworks' arrays are in the heap
-        from tinyllm.backend import move_heap_to_huge_pages
-        print(f"heap moved to huge pages after the first steps: {move_heap_to_huge_pages()}")
     if profile:
         print_op_times(lambda: tinyllm_step(model, optimizer, x, y))
         if torch is not None:
@@ -316,7 +302,6 @@ def bench(name, steps, warmup, profile, default_malloc):
             paired.append(statistics.median(ours_turn) / statistics.median(theirs_turn))
     steps = len(ours)
     m_ours = statistics.median(ours) * 1e3
-    print(f"heap on huge pages after the steps: {_anon_huge_mib():.0f} MiB of {_rss_mib():.0f} MiB resident")
     tokens = cfg["batch_size"] * cfg["block_size"]
     print(f"tinyllm  step: median {m_ours:8.2f} ms  ({tokens / m_ours * 1e3:,.0f} tok/s, "
           f"{faults[0] // steps:,} page faults)")
@@ -348,19 +333,17 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="print where five steps of each framework spend their time, op by op")
     p.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc malloc and the heap's pages as they are; by default the benchmark does what "
-                        "`tinyllm train` does, tinyllm.backend.keep_freed_host_memory() at the start and "
-                        "move_heap_to_huge_pages() after the first step, which apply to both frameworks alike")
+                   help="leave glibc malloc as it is; by default the benchmark does what `tinyllm train` does, "
+                        "tinyllm.backend.keep_freed_host_memory(), which applies to both frameworks alike")
     p.add_argument("--memory-child", choices=["tinyllm", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if not args.default_malloc:
         from tinyllm.backend import keep_freed_host_memory
         keep_freed_host_memory()
     if args.memory_child:
-        return memory_child(args.memory_child, args.config[0], args.steps, args.default_malloc)
+        return memory_child(args.memory_child, args.config[0], args.steps)
     print(f"numpy {np.__version__}, {os.cpu_count()} CPUs")
-    print("glibc malloc: " + ("as it is" if args.default_malloc else
-                              "keep_freed_host_memory() and move_heap_to_huge_pages() (as tinyllm train)"))
+    print("glibc malloc: " + ("as it is" if args.default_malloc else "keep_freed_host_memory() (as tinyllm train)"))
     results = [bench(name, args.steps, args.warmup, args.profile, args.default_malloc)
                for name in (args.config or ["baby", "char"])]
     print("\n" + json.dumps(results))

@@ -6,18 +6,15 @@
    (its idle worker spins) and with BLAS on one thread and the product cut by tinyllm.threads.
 2. GELU backward: the textbook order (16 passes, written out here as the peer) against F.GELU's.
 3. Causal attention, forward + backward, in one query block against two (the default from T = 128).
-5. Two frameworks in one process: "baby" steps of tinyllm and PyTorch alternated one by one, with
+4. Two frameworks in one process: "baby" steps of tinyllm and PyTorch alternated one by one, with
    no rest and with 0.2 s of rest before each step (needs torch; tinyllm on one thread, BLAS on 2).
-4. A whole "char" training step, tinyllm alone on one thread, with the heap on 4 KiB pages (NumPy's
-   huge-page request switched off) against the heap moved to 2 MiB pages after the first step.
-   Each case runs in a fresh process.
 Shapes are those of the "char" config of scripts/bench_cpu.py: B=8, T=256, C=384, 6 heads.
-Figures are the best of several runs (ms), since this measures code, not the machine's noise.
+Parts 1-3 report the best of several runs (ms), since they measure code, not the machine's noise;
+part 4 reports medians.
 """
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tinyllm.nn.functional as F  # noqa: E402
-from tinyllm import backend, threads  # noqa: E402
+from tinyllm import threads  # noqa: E402
 
 B, T, C, H = 8, 256, 384, 6
 
@@ -131,46 +128,11 @@ def part_attention():
     print()
 
 
-def step_child(pages):
-    """Run in a subprocess: median ms of a char step, tinyllm on one thread, the heap on `pages`."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_cpu
-    backend.keep_freed_host_memory()
-    if pages == "4k":
-        np._core.multiarray._set_madvise_hugepage(False)  # NumPy 2
-    cfg = bench_cpu.CONFIGS["char"]
-    x, y = bench_cpu.make_batch(cfg)
-    model, optimizer = bench_cpu.build_tinyllm(cfg)
-    bench_cpu.tinyllm_step(model, optimizer, x, y)
-    if pages == "2m":
-        backend.move_heap_to_huge_pages()
-    times = []
-    for _ in range(8):
-        t0 = time.perf_counter()
-        bench_cpu.tinyllm_step(model, optimizer, x, y)
-        times.append(time.perf_counter() - t0)
-    print(f"{statistics.median(times[2:]) * 1e3:.1f}")
-
-
-def part_pages():
-    print("## 4. a whole char step, tinyllm alone on one thread, a fresh process each (median of 6)")
-    labels = {"4k": "4 KiB pages (NumPy's huge-page request off)",
-              "2m": "heap moved to 2 MiB pages after the first step"}
-    runs = {pages: [] for pages in labels}
-    for _ in range(3):  # interleaved, so that a slow spell of the machine hits both
-        for pages in labels:
-            runs[pages].append(subprocess.run([sys.executable, __file__, "--step-child", pages],
-                                              capture_output=True, text=True, check=True).stdout.strip())
-    for pages, label in labels.items():
-        print(f"{label}: {', '.join(runs[pages])} ms")
-    print()
-
-
 def part_interference():
     try:
         import torch
     except ImportError:
-        print("## 5. skipped: PyTorch is not installed\n")
+        print("## 4. skipped: PyTorch is not installed\n")
         return
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_cpu
@@ -184,7 +146,7 @@ def part_interference():
     theirs = lambda: bench_cpu.torch_step(tmodel, toptimizer, tx, ty)  # noqa: E731
     for _ in range(3):
         ours(), theirs()
-    print("## 5. baby steps alternated one by one in one process (median of 10 each)")
+    print("## 4. baby steps alternated one by one in one process (median of 10 each)")
     for rest in (0.0, 0.2):
         times = {"tinyllm": [], "PyTorch": []}
         for _ in range(10):
@@ -199,13 +161,10 @@ def part_interference():
 
 
 def main():
-    if sys.argv[1:2] == ["--step-child"]:
-        return step_child(sys.argv[2])
     print(f"numpy {np.__version__}, {os.cpu_count()} CPUs\n")
     part_threads()
     part_gelu_backward()
     part_attention()
-    part_pages()
     part_interference()
 
 

@@ -189,24 +189,3 @@ def test_prepare_offline_is_one_clear_line(tmp_path, capsys, monkeypatch):
     assert cli_main(["prepare", "shakespeare_char", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--input" in err[0], err
-
-
-def test_after_first_step_is_called_once_per_run(data_dir, tmp_path):
-    # tinyllm train hands backend.move_heap_to_huge_pages here; a resumed run calls it again
-    calls = []
-    for resume, max_iters in ((False, 2), (True, 4)):
-        flags = ["--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY, "--max-iters", str(max_iters),
-                 "--lr-decay-iters", "4", "--eval-interval", "100"] + (["--resume"] if resume else [])
-        trainer = Trainer(parse_config(flags), log=lambda *a: None,
-                          after_first_step=lambda: calls.append(trainer.step))
-        assert trainer.run() == 0
-    assert calls == [1, 3]
-
-
-def test_move_heap_to_huge_pages_keeps_every_array():
-    from tinyllm import backend
-    arrays = [np.random.default_rng(i).standard_normal(1 << 18).astype(np.float32) for i in range(8)]
-    copies = [a.copy() for a in arrays]
-    assert backend.move_heap_to_huge_pages() in (True, False)  # False where the OS has no MADV_COLLAPSE
-    for a, c in zip(arrays, copies):
-        np.testing.assert_array_equal(a, c)

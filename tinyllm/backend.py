@@ -126,33 +126,3 @@ def keep_freed_host_memory(threshold_bytes=1 << 30):
     return bool(mallopt(M_MMAP_THRESHOLD, int(threshold_bytes))) and \
         bool(mallopt(M_TRIM_THRESHOLD, 2 * int(threshold_bytes)))
 
-
-def move_heap_to_huge_pages():
-    """Back the malloc heap with 2 MiB pages, in one go; call it once a training step has run.
-
-    A step streams activations of tens of MiB through elementwise passes, and on 4 KiB pages those
-    miss the TLB. NumPy asks for transparent huge pages for its big arrays, but whether the kernel
-    grants them depends on the heap's history: the same "char" step of scripts/bench_cpu.py took
-    0.97 s with most of the heap on huge pages and 1.15 s with none, from one run to the next.
-    MADV_COLLAPSE (Linux 6.1+) rebuilds the heap's pages as huge pages, about a second for 600 MiB;
-    with keep_freed_host_memory() the heap then keeps them, as every later step reuses it.
-    Process-wide, like keep_freed_host_memory; returns False where it does not apply.
-    """
-    import ctypes
-    import ctypes.util
-    try:
-        with open("/proc/self/maps") as maps:  # the heap is split into several mappings (by NumPy's madvise)
-            heap = [line.split()[0] for line in maps if line.rstrip().endswith("[heap]")]
-        madvise = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").madvise
-    except (OSError, AttributeError):  # not Linux with glibc
-        return False
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
-    huge = 1 << 21
-    done = False
-    for mapping in heap:
-        start, end = (int(address, 16) for address in mapping.split("-"))
-        start, end = -(-start // huge) * huge, end // huge * huge    # whole 2 MiB pages inside it
-        if end > start and madvise(start, end - start, MADV_HUGEPAGE) == 0:
-            done = madvise(start, end - start, MADV_COLLAPSE) == 0 or done
-    return done

@@ -33,8 +33,9 @@ _inside = threading.local()   # .busy is True while a thread runs a part (parts 
 # A thread that sleeps between parts takes tens of microseconds to wake (more in a virtual machine),
 # so cutting pays off only for big layers. `tinyllm train` uses every core once one (B, T, C)
 # activation holds this many numbers, and one thread (with NumPy's own threaded BLAS) below it:
-# measured on 2 cores, a training step of the "char" config (B·T·C = 786,432) took 0.90-0.93 s on
-# tinyllm's threads against 1.11-1.12 s on one, and the "baby" one (98,304) 44.7 ms against 41.8 ms.
+# measured on 2 cores (scripts/bench_cpu.py, BENCH_TINYLLM_THREADS=1 or 2), a training step of the
+# "char" config (B·T·C = 786,432) took 0.93 s on tinyllm's threads against 1.11 s on one, and the
+# "baby" one (98,304) 47.8 ms against 42.8 ms.
 MIN_ACTIVATION_SIZE = 1 << 18
 # Below this many elements an op is not cut at all (a layer norm's weight in AdamW, for one): handing
 # a part to a worker costs about 25 us, about what a few passes over 2^16 float32 numbers take.

@@ -199,10 +199,9 @@ def known_peak_flops(device, dtype):
 
 
 class Trainer:
-    def __init__(self, cfg, log=print, after_first_step=None):
+    def __init__(self, cfg, log=print):
         from tinyllm.data import BatchLoader, load_meta
         self.cfg, self.log = cfg, log
-        self.after_first_step = after_first_step  # called once, after the first step of this run
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "ckpt"
         data_dir = ensure_data(cfg, log)
@@ -352,8 +351,6 @@ class Trainer:
                     return 130
                 loss, lr, grad_norm, finite = self.train_step()
                 self.step += 1
-                if self.step == start_step + 1 and self.after_first_step is not None:
-                    self.after_first_step()
                 window_steps += 1
                 if not finite:
                     self._log_json(metrics, {"step": self.step, "skipped": True, "loss": _json_float(loss),
@@ -435,7 +432,7 @@ def main(argv=None):
         if on_cpu:
             threads.set_num_threads(cfg.threads or threads.default_num_threads(
                 cfg.batch_size, cfg.block_size, cfg.n_embd))
-        trainer = Trainer(cfg, after_first_step=backend.move_heap_to_huge_pages if on_cpu else None)
+        trainer = Trainer(cfg)
         code = trainer.run()
         if code == 0 and cfg.sample_tokens > 0:
             print(f"\nbest val loss {trainer.best_val:.4f}; a sample ({cfg.sample_tokens} tokens):\n")
