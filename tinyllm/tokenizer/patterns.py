@@ -24,7 +24,7 @@ may take one leading non-letter (not just a space), numbers are cut into groups
 of at most three digits, punctuation runs keep trailing newlines, and newlines
 get their own rule so that line breaks are grouped together.
 
-ASCII fast path.  The standard library's ``re`` splits about 2.5x faster than
+ASCII fast path.  The standard library's ``re`` splits about 2.4x faster than
 ``regex`` but knows no ``\\p{..}``.  On pure-ASCII text the Unicode classes
 shrink to plain sets (``\\p{L}`` is ``A-Za-z``, ``\\p{N}`` is ``0-9``, and
 ``regex``'s ``\\s`` is ``\\t\\n\\v\\f\\r`` and space; ``re``'s ``\\s``
