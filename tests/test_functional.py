@@ -271,6 +271,64 @@ def test_softmaxes_and_cross_entropy_are_stable_at_huge_logits(dtype):
     np.testing.assert_allclose(loss.item(), expected, rtol=1e-6)
 
 
+def _textbook_softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("row, fills, textbook", [
+    (None, 1, False),     # rows centred near 0, as the callers fill them: exp as it is, one fill
+    (85.0, 1, True),      # a number above _MAX_QUICK_EXP: exp could overflow, the textbook shift (seen before exp)
+    (-30.0, 2, True),     # a row far below 0: its sum comes out below _MIN_ROW_SUM, so all is done again
+    (np.nan, 1, True),    # nan: the textbook way, and only its own row is nan
+])
+def test_exp_rows_shifts_only_when_needed(row, fills, textbook):
+    x = np.random.default_rng(0).standard_normal((3, 4, 8)).astype(np.float32) * 3
+    if row is not None:
+        x[1, 2] += row
+    calls = []
+
+    def fill(out):
+        calls.append(1)
+        out[...] = x
+    out = np.empty_like(x)
+    t, Z = F._exp_rows(out, fill)
+    assert len(calls) == fills
+    assert np.shape(t) == ((3, 4, 1) if textbook else ())
+    assert out.dtype == np.float32 and Z.shape == (3, 4, 1)
+    x64 = x.astype(np.float64)
+    ok = np.isfinite(x).all(axis=-1)
+    np.testing.assert_allclose((out / Z)[ok], _textbook_softmax(x64)[ok], rtol=1e-6, atol=1e-30)
+    assert np.isnan((out / Z)[~ok]).all()
+    lse = (np.log(Z) + t)[..., 0]
+    np.testing.assert_allclose(lse[ok], np.log(np.exp(x64).sum(-1))[ok], rtol=1e-6)
+
+
+def test_exp_rows_with_a_mask():
+    x = np.random.default_rng(1).standard_normal((2, 5, 5)).astype(np.float32)
+    mask = F._causal_bias(np, 5, 5, np.float32)
+    out = np.empty_like(x)
+    _, Z = F._exp_rows(out, lambda o: np.copyto(o, x), mask)
+    np.testing.assert_allclose(out / Z, _textbook_softmax(x.astype(np.float64) + mask), rtol=1e-6, atol=1e-30)
+    assert (out[:, np.triu_indices(5, 1)[0], np.triu_indices(5, 1)[1]] == 0).all()
+
+
+def test_float32_attention_and_cross_entropy_with_rows_far_apart_match_float64():
+    """Scores whose rows lie 0, 30 and 200 apart: both the shared shift and the per-row redo are exact."""
+    r = np.random.default_rng(3)
+    for scale in (1.0, 30.0, 200.0):
+        q, k, v = r.standard_normal((2, 2, 6, 4)), r.standard_normal((2, 2, 6, 4)), r.standard_normal((2, 2, 6, 4))
+        q[0, 1, 3] *= scale                  # one query row with huge scores
+        y32 = F.scaled_dot_product_attention(*(tl.tensor(a, dtype="float32") for a in (q, k, v))).numpy()
+        y64 = R.scaled_dot_product_attention(*(tl.tensor(a) for a in (q, k, v))).numpy()
+        np.testing.assert_allclose(y32, y64, rtol=1e-4, atol=1e-5)
+        z = r.standard_normal((5, 7))
+        z[2] += scale
+        t = np.array([0, 3, 6, 1, 2])
+        loss32 = F.cross_entropy(tl.tensor(z, dtype="float32"), t).item()
+        np.testing.assert_allclose(loss32, R.cross_entropy(tl.tensor(z), t).item(), rtol=1e-6)
+
+
 def test_cross_entropy_of_a_confident_correct_prediction_is_zero_not_nan():
     loss = F.cross_entropy(leaf([[1e4, 0.0, -1e4]]), [0])
     assert loss.item() == 0.0
