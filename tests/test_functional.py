@@ -65,7 +65,7 @@ def test_every_fused_op_has_a_case():
         for label, fn, inputs in case_fn(CaseBuilder()):
             ops_seen |= gradcheck_report(fn, inputs).ops
     fused = {"Linear", "Embedding", "LayerNorm", "RMSNorm", "GELU", "SiLU", "Softmax", "LogSoftmax",
-             "CrossEntropy", "Dropout", "ScaledDotProductAttention"}
+             "CrossEntropy", "Dropout", "ScaledDotProductAttention", "SelfAttention"}
     assert fused <= ops_seen
     assert fused <= set(tl.OPS)
 
@@ -214,6 +214,60 @@ def test_causal_attention_is_aligned_to_the_end_as_a_kv_cache_needs():
     np.testing.assert_allclose(tail, full[:, :, S - T:], rtol=1e-12, atol=1e-12)
     # query 0 sees only key 0: its output is v's first row of its k/v head
     np.testing.assert_allclose(full[:, :, 0], np.repeat(v.numpy()[:, :, 0], H // Hkv, axis=1), rtol=1e-12)
+
+
+def _composed_self_attention(qkv, H, Hkv, rope, split_min):
+    """F.self_attention the long way: slice qkv, view heads, RoPE, attention, rows back."""
+    B, T, width = qkv.shape
+    D = width // (H + 2 * Hkv)
+    heads = [(0, H), (H * D, Hkv), ((H + Hkv) * D, Hkv)]
+    q, k, v = (qkv[..., start:start + n * D].reshape(B, T, n, D).transpose(0, 2, 1, 3) for start, n in heads)
+    if rope is not None:
+        q, k = F.RoPE(*rope)(q), F.RoPE(*rope)(k)
+    y = F.ScaledDotProductAttention(True, split_min)(q, k, v)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+@pytest.mark.parametrize("with_rope", [False, True])
+@pytest.mark.parametrize("split_min", [F.SPLIT_MIN_QUERIES, 2])
+@pytest.mark.parametrize("H, Hkv", [(2, 2), (4, 2), (3, 1)])
+def test_self_attention_matches_split_heads_and_attention(H, Hkv, split_min, with_rope):
+    from tinyllm.model import rope_tables
+    B, T, D = 2, 5, 4
+    rope = rope_tables(T, D, theta=100.0, dtype="float64") if with_rope else None
+    qkv = randn(B, T, (H + 2 * Hkv) * D)
+    assert_same(lambda t: F.SelfAttention(H, Hkv, rope, split_min=split_min)(t),
+                lambda t: _composed_self_attention(t, H, Hkv, rope, split_min), [qkv])
+
+
+def test_self_attention_with_a_kv_cache_matches_the_full_sequence():
+    """Prefill 3 positions, then 2 more one at a time: the same rows as one pass over all 5."""
+    from tinyllm.model import rope_tables
+    B, T, H, Hkv, D = 2, 5, 4, 2, 4
+    cos, sin = rope_tables(T, D, dtype="float64")
+    qkv = randn(B, T, (H + 2 * Hkv) * D)
+    full = F.self_attention(tl.tensor(qkv), H, Hkv, rope=(cos, sin)).numpy()
+    k_buf, v_buf = np.zeros((B, Hkv, 8, D)), np.zeros((B, Hkv, 8, D))
+    parts = []
+    with tl.no_grad():
+        for start, end in [(0, 3), (3, 4), (4, 5)]:
+            parts.append(F.self_attention(tl.tensor(qkv[:, start:end]), H, Hkv, rope=(cos[start:end], sin[start:end]),
+                                          kv_cache=(k_buf, v_buf, start)).numpy())
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-12, atol=1e-12)
+
+
+def test_self_attention_errors():
+    qkv = tl.tensor(randn(1, 3, 12))
+    with pytest.raises(ValueError, match="shared out evenly"):
+        F.self_attention(qkv, 3, 2)
+    with pytest.raises(ValueError, match="cannot hold"):
+        F.self_attention(qkv, 3, 1)          # 12 numbers in a row cannot be 3 + 2·1 = 5 heads
+    with pytest.raises(ValueError, match=r"\(B, T"):
+        F.self_attention(tl.tensor(randn(3, 12)), 2)
+    with pytest.raises(ValueError, match="RoPE tables"):
+        F.self_attention(qkv, 2, rope=(np.ones((4, 2)), np.ones((4, 2))))
+    with pytest.raises(ValueError, match="do not fit a KV cache"):
+        F.self_attention(qkv, 2, kv_cache=(np.zeros((1, 2, 2, 2)), np.zeros((1, 2, 2, 2)), 0))
 
 
 # ---------------------------------------------------------------------------------------------

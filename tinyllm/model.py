@@ -21,10 +21,10 @@ import math
 import numpy
 
 from tinyllm import backend, rng
-from tinyllm.autograd import Function, Tensor, no_grad
-from tinyllm.backend import get_array_module
+from tinyllm.autograd import Tensor, no_grad
 from tinyllm import nn
 from tinyllm.nn import functional as F
+from tinyllm.nn.functional import RoPE
 from tinyllm.nn.module import Module, Parameter
 
 __all__ = ["GPTConfig", "GPT", "RoPE", "rope_tables", "apply_rope"]
@@ -160,52 +160,6 @@ def rope_tables(block_size, head_dim, theta=10000.0, dtype="float32"):
     return numpy.cos(angle).astype(dtype), numpy.sin(angle).astype(dtype)
 
 
-class RoPE(Function):
-    """y = x·cos + rotate_half(x)·sin over the last axis, with rotate_half(x) = concat(-x2, x1).
-
-    With x = (x1, x2) split in halves and per-plane angles a (cos c, sin s, one value per plane):
-
-        y1 = x1·c − x2·s
-        y2 = x2·c + x1·s
-
-    i.e. every plane (x1[i], x2[i]) is rotated by the angle a[i]. A rotation is orthogonal, so the
-    vector-Jacobian product is the transposed rotation, the rotation by −a:
-
-        gx1 =  gy1·c + gy2·s
-        gx2 = −gy1·s + gy2·c
-
-    x is (..., T, D); the tables are (T, D) (the rows for x's positions). Both halves of a table row
-    hold the same values (angle[t, j] = angle[t, j + D/2]), so only the first half is read.
-    """
-
-    def __init__(self, cos, sin):
-        self.cos, self.sin = cos, sin  # constants: not differentiated
-
-    def forward(self, x):
-        d = x.shape[-1]
-        if d % 2:
-            raise ValueError(f"RoPE needs an even last dimension, got {d}")
-        if self.cos.shape != (x.shape[-2], d):
-            raise ValueError(f"RoPE tables have shape {self.cos.shape}, expected {(x.shape[-2], d)}")
-        h = d // 2
-        self.c, self.s = self.cos[:, :h], self.sin[:, :h]
-        xp = get_array_module(x)
-        x1, x2 = x[..., :h], x[..., h:]
-        y = xp.empty(x.shape, dtype=x.dtype)
-        y[..., :h] = x1 * self.c - x2 * self.s
-        y[..., h:] = x2 * self.c + x1 * self.s
-        return y
-
-    def backward(self, gy):
-        h = gy.shape[-1] // 2
-        xp = get_array_module(gy)
-        g1, g2 = gy[..., :h], gy[..., h:]
-        gx = xp.empty(gy.shape, dtype=gy.dtype)
-        gx[..., :h] = g1 * self.c + g2 * self.s
-        gx[..., h:] = g2 * self.c - g1 * self.s
-        return gx
-
-
 def apply_rope(x, cos, sin):
     """RoPE of a (..., T, D) tensor with (T, D) cos/sin tables (raw arrays on x's device)."""
     return RoPE(cos, sin)(x)
@@ -244,31 +198,11 @@ class CausalSelfAttention(Module):
         cache: a KVCache whose first `cache.length` positions hold earlier keys/values; the new
         keys/values are written after them and attention runs over the whole filled prefix.
         """
-        B, T, _ = x.shape
-        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        W, b = self.c_attn.weight, self.c_attn.bias
-        # Three GEMMs on row slices of the one c_attn weight instead of one GEMM and three slices of
-        # its (B, T, (H + 2Hkv)·D) output: the slices' backward then touches the small weight
-        # gradient instead of three activation-sized zero buffers.
-        rows = (0, H * D, (H + Hkv) * D, (H + 2 * Hkv) * D)
-        q, k, v = (F.linear(x, W[rows[i]:rows[i + 1]], None if b is None else b[rows[i]:rows[i + 1]])
-                   for i in range(3))
-        # (B, T, heads·D) -> (B, heads, T, D): a free view; the RoPE op writes contiguous heads
-        q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)
-        k = k.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
-        v = v.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
-        if rope is not None:
-            q = RoPE(*rope)(q)
-            k = RoPE(*rope)(k)
-        if cache is not None:  # inference only (no graph): append to the preallocated buffers
-            start, end = cache.length, cache.length + T
-            cache.k[layer][:, :, start:end] = k.data
-            cache.v[layer][:, :, start:end] = v.data
-            k = Tensor(cache.k[layer][:, :, :end])
-            v = Tensor(cache.v[layer][:, :, :end])
-        # causal mask aligned to the end: query i (absolute position start + i) sees keys 0..start + i
-        y = F.scaled_dot_product_attention(q, k, v, causal=True)          # (B, H, T, D)
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+        # q, k and v in ONE matrix product, (B, T, C) -> (B, T, (H + 2·Hkv)·D); the attention op
+        # views its heads and hands back one packed gradient (F.self_attention)
+        qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias)
+        kv_cache = None if cache is None else (cache.k[layer], cache.v[layer], cache.length)
+        y = F.self_attention(qkv, self.n_head, self.n_kv_head, rope=rope, kv_cache=kv_cache)   # (B, T, H·D)
         y = F.linear(y, self.c_proj.weight, self.c_proj.bias)
         return self.resid_dropout(y)  # the identity in eval mode or with p = 0
 

@@ -85,3 +85,11 @@ def attention(b):
         [b.randn(1, 2, 5, 3), b.randn(1, 2, 5, 3), b.randn(1, 2, 5, 3)]
     yield "attention GQA causal, S > T, two query blocks", lambda q, k, v: split(True, split_min=2)(q, k, v), \
         [b.randn(1, 4, 4, 2), b.randn(1, 2, 6, 2), b.randn(1, 2, 6, 2)]
+    # self-attention from packed qkv (B, T, (H + 2·Hkv)·D), as the model calls it
+    from tinyllm.model import rope_tables
+    yield "self-attention MHA, packed qkv", lambda qkv: F.self_attention(qkv, 2), [b.randn(2, 4, 2 * 2 * 3 + 2 * 3)]
+    rope = tuple(b.const(t) for t in rope_tables(3, 2, theta=10.0, dtype="float64"))
+    yield "self-attention GQA with RoPE", lambda qkv: F.self_attention(qkv, 4, 2, rope=rope), \
+        [b.randn(1, 3, (4 + 2 * 2) * 2)]
+    yield "self-attention MQA, two query blocks", lambda qkv: F.SelfAttention(2, 1, split_min=2)(qkv), \
+        [b.randn(2, 5, (2 + 2 * 1) * 3)]

@@ -25,7 +25,7 @@ from tinyllm.autograd import Function, Tensor
 from tinyllm.backend import get_array_module
 
 __all__ = ["linear", "embedding", "layer_norm", "rms_norm", "gelu", "silu", "softmax", "log_softmax",
-           "cross_entropy", "dropout", "scaled_dot_product_attention"]
+           "cross_entropy", "dropout", "scaled_dot_product_attention", "self_attention"]
 
 
 def _rows(g):
@@ -568,6 +568,69 @@ def dropout(x, p=0.5, training=True):
 
 
 # ---------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE)
+
+
+class RoPE(Function):
+    """y = x·cos + rotate_half(x)·sin over the last axis, with rotate_half(x) = concat(-x2, x1).
+
+    With x = (x1, x2) split in halves and per-plane angles a (cos c, sin s, one value per plane):
+
+        y1 = x1·c − x2·s
+        y2 = x2·c + x1·s
+
+    i.e. every plane (x1[i], x2[i]) is rotated by the angle a[i]. A rotation is orthogonal, so the
+    vector-Jacobian product is the transposed rotation, the rotation by −a:
+
+        gx1 =  gy1·c + gy2·s
+        gx2 = −gy1·s + gy2·c
+
+    x is (..., T, D); the tables are (T, D) (the rows for x's positions; tinyllm.model.rope_tables).
+    Both halves of a table row hold the same values (angle[t, j] = angle[t, j + D/2]), so only the
+    first half is read.
+    """
+
+    def __init__(self, cos, sin):
+        self.cos, self.sin = cos, sin  # constants: not differentiated
+
+    def forward(self, x):
+        _check_rope_tables(x.shape, self.cos)
+        self.c, self.s = _rope_halves(self.cos, self.sin)
+        return _rotate(x, self.c, self.s)
+
+    def backward(self, gy):
+        return _rotate(gy, self.c, -self.s)                  # the rotation by −a
+
+
+def _check_rope_tables(shape, cos):
+    """RoPE needs x (..., T, D) with D even and (T, D) tables."""
+    if shape[-1] % 2:
+        raise ValueError(f"RoPE needs an even last dimension, got {shape[-1]}")
+    if cos.shape != tuple(shape[-2:]):
+        raise ValueError(f"RoPE tables have shape {cos.shape}, expected {tuple(shape[-2:])}")
+
+
+def _rope_halves(cos, sin):
+    """(T, D) tables -> c, s (T, D/2): one angle per plane."""
+    h = cos.shape[-1] // 2
+    return cos[:, :h], sin[:, :h]
+
+
+def _rotate(x, c, s, out=None):
+    """out = x with each plane (x1[i], x2[i]) turned by its angle: (x1·c − x2·s, x2·c + x1·s).
+
+    out defaults to a new array laid out like x (empty_like keeps the axis order), so heads that
+    are transposed views of (B, T, heads, D) rows stay in that memory order.
+    """
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    y = get_array_module(x).empty_like(x) if out is None else out
+    y[..., :h] = x1 * c - x2 * s
+    y[..., h:] = x2 * c + x1 * s
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
 # Scaled dot-product attention
 
 
@@ -692,6 +755,68 @@ class ScaledDotProductAttention(Function):
             gq5 *= self.scale
 
 
+class SelfAttention(ScaledDotProductAttention):
+    """Causal attention of a sequence over itself, from packed projections: qkv -> y.
+
+    qkv (B, T, (H + 2·Hkv)·D) holds q, then k, then v in each row, as one matrix product (a GPT
+    block's c_attn) makes them; y is (B, T, H·D), the rows the next product (c_proj) takes. The
+    heads are views of qkv; q and k are rotated when RoPE tables are given; the attention is the
+    ScaledDotProductAttention above. Backward writes gq, gk and gv straight into ONE packed
+    gradient laid out like qkv, so c_attn's backward stays one product for gx and one for gW,
+    where three separate projections took three of each plus the adds that joined them.
+
+    rope: (cos, sin) tables (T, D) for the rows' positions, or None.
+    kv_cache: (k_buffer, v_buffer, start) during generation, no gradient: the new keys/values are
+    written at start .. start + T and the queries attend over the whole filled prefix.
+    """
+
+    def __init__(self, n_head, n_kv_head, rope=None, kv_cache=None, split_min=SPLIT_MIN_QUERIES):
+        super().__init__(causal=True, split_min=split_min)
+        self.n_head, self.n_kv_head, self.rope, self.kv_cache = n_head, n_kv_head, rope, kv_cache
+
+    def forward(self, qkv):
+        B, T, _ = qkv.shape
+        q, k, v = _split_heads(qkv, self.n_head, self.n_kv_head)   # (B, heads, T, D) views
+        if self.rope is not None:
+            c, s = _rope_halves(*self.rope)
+            q, k = _rotate(q, c, s), _rotate(k, c, s)
+        if self.kv_cache is not None:
+            k_buffer, v_buffer, start = self.kv_cache
+            k_buffer[:, :, start:start + T] = k
+            v_buffer[:, :, start:start + T] = v
+            k, v = k_buffer[:, :, :start + T], v_buffer[:, :, :start + T]
+        y = super().forward(q, k, v)                          # (B, H, T, D), laid out as (B, T, H, D)
+        return y.transpose(0, 2, 1, 3).reshape(B, T, -1)     # (B, T, H·D): a view
+
+    def backward(self, gy):
+        if self.kv_cache is not None:
+            raise RuntimeError("SelfAttention with a KV cache is for generation only (under no_grad)")
+        xp = get_array_module(gy)
+        B, T, _ = gy.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.k.shape[-1]
+        g = xp.empty((B, T, (H + 2 * Hkv) * D), dtype=gy.dtype)   # laid out like qkv
+        gq, gk, gv = _split_heads(g, H, Hkv)                      # views: written in place below
+        gy = gy.reshape(B, T, H, D).transpose(0, 2, 1, 3)         # (B, H, T, D) view
+        # with RoPE, the gradients of the rotated q and k first, then rotated back (by −a) into g
+        gq_r, gk_r = (xp.empty_like(gq), xp.empty_like(gk)) if self.rope is not None else (gq, gk)
+        threads.parallel_for(B, lambda b0, b1: self.backward_rows(slice(b0, b1), gy, gq_r, gk_r, gv), xp,
+                             size=self.P[-1].size)
+        if self.rope is not None:
+            c, s = _rope_halves(*self.rope)
+            _rotate(gq_r, c, -s, out=gq)
+            _rotate(gk_r, c, -s, out=gk)
+        return g
+
+
+def _split_heads(qkv, n_head, n_kv_head):
+    """(B, T, (H + 2·Hkv)·D) rows of q, k, v -> q (B, H, T, D), k and v (B, Hkv, T, D), all views."""
+    B, T, width = qkv.shape
+    D = width // (n_head + 2 * n_kv_head)
+    q, k, v = qkv[..., :n_head * D], qkv[..., n_head * D:(n_head + n_kv_head) * D], qkv[..., (n_head + n_kv_head) * D:]
+    return (q.reshape(B, T, n_head, D).transpose(0, 2, 1, 3), k.reshape(B, T, n_kv_head, D).transpose(0, 2, 1, 3),
+            v.reshape(B, T, n_kv_head, D).transpose(0, 2, 1, 3))
+
+
 def _add_key_rows(total, a, b, every_key):
     """total = a @ b for the block that saw every key (it comes first), else total[..., :s1, :] += a @ b."""
     if every_key:
@@ -720,3 +845,30 @@ def scaled_dot_product_attention(q, k, v, causal=True):
         raise ValueError(f"causal attention needs at least as many keys as queries (S={k.shape[2]} < T={T}): "
                          "the first queries would see no key at all")
     return ScaledDotProductAttention(causal)(q, k, v)
+
+
+def self_attention(qkv, n_head, n_kv_head=None, rope=None, kv_cache=None):
+    """Causal self-attention from packed projections: qkv (B, T, (H + 2·Hkv)·D) -> y (B, T, H·D).
+
+    Each row of qkv holds the H query heads, then the Hkv key heads, then the Hkv value heads (a GPT
+    block's c_attn output). n_kv_head defaults to n_head. rope: (cos, sin) tables (T, D) for the rows'
+    positions. kv_cache: (k_buffer, v_buffer, start) with buffers (B, Hkv, capacity, D), for
+    generation under no_grad (see SelfAttention). Same numbers as splitting qkv and calling
+    scaled_dot_product_attention, with one packed gradient.
+    """
+    n_kv_head = n_head if n_kv_head is None else n_kv_head
+    if qkv.ndim != 3:
+        raise ValueError(f"self_attention takes qkv of shape (B, T, (H + 2·Hkv)·D), got {qkv.shape}")
+    heads = n_head + 2 * n_kv_head
+    if n_kv_head < 1 or n_head % n_kv_head:
+        raise ValueError(f"self_attention: {n_head} query heads cannot be shared out evenly over "
+                         f"{n_kv_head} key/value heads (n_head % n_kv_head must be 0)")
+    if qkv.shape[-1] % heads:
+        raise ValueError(f"self_attention: a row of {qkv.shape[-1]} numbers cannot hold {n_head} + 2·{n_kv_head} "
+                         f"heads of one size")
+    if rope is not None:
+        _check_rope_tables(qkv.shape[:2] + (qkv.shape[-1] // heads,), rope[0])
+    if kv_cache is not None and kv_cache[2] + qkv.shape[1] > kv_cache[0].shape[2]:
+        raise ValueError(f"self_attention: {qkv.shape[1]} new positions after {kv_cache[2]} do not fit a KV cache "
+                         f"of {kv_cache[0].shape[2]}")
+    return SelfAttention(n_head, n_kv_head, rope, kv_cache)(qkv)
