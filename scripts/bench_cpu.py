@@ -208,22 +208,31 @@ def measure_memory(framework, name, default_malloc, steps=3):
 
 
 def print_op_times(step, steps=5):
-    """ms per step in each tinyllm op's forward and backward, and in AdamW.step: timers wrapped around them."""
+    """ms per step in each tinyllm op's forward and backward, and in AdamW.step: timers wrapped around them.
+
+    Self time: when one timed method calls another (SelfAttention.forward calls
+    ScaledDotProductAttention.forward), the inner call's time counts for the inner one only.
+    """
     import collections
 
     from tinyllm.autograd import OPS
     from tinyllm.optim import AdamW
     totals, originals = collections.Counter(), []
+    inner = []  # per open timed call: the time spent in timed calls inside it
 
     def wrap(cls, name):
         original = getattr(cls, name)
 
         def timed(self, *args):
+            inner.append(0.0)
             t0 = time.perf_counter()
             try:
                 return original(self, *args)
             finally:
-                totals[f"{cls.__name__}.{name}"] += time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                totals[f"{cls.__name__}.{name}"] += elapsed - inner.pop()
+                if inner:
+                    inner[-1] += elapsed
         setattr(cls, name, timed)
         originals.append((cls, name, original))
     for cls in list(OPS.values()) + [AdamW]:
@@ -238,7 +247,7 @@ def print_op_times(step, steps=5):
     finally:
         for cls, name, original in originals:
             setattr(cls, name, original)
-    print(f"tinyllm, ms per step (mean of {steps} steps of {total * 1e3:.1f} ms):")
+    print(f"tinyllm, self ms per step (mean of {steps} steps of {total * 1e3:.1f} ms):")
     for key, seconds in totals.most_common(12):
         print(f"  {key:<40} {seconds / steps * 1e3:8.1f}")
 
