@@ -248,7 +248,7 @@ def print_op_times(step, steps=5):
         for cls, name, original in originals:
             setattr(cls, name, original)
     print(f"tinyllm, self ms per step (mean of {steps} steps of {total * 1e3:.1f} ms):")
-    for key, seconds in totals.most_common(12):
+    for key, seconds in totals.most_common(int(os.environ.get("BENCH_PROFILE_TOP", 12))):
         print(f"  {key:<40} {seconds / steps * 1e3:8.1f}")
 
 

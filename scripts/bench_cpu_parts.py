@@ -9,8 +9,10 @@
 3. Causal attention, forward + backward, in one query block against two (the default from T = 128).
 4. Two frameworks in one process: "baby" steps of tinyllm and PyTorch alternated one by one, with
    no rest and with 0.2 s of rest before each step (needs torch; tinyllm on one thread, BLAS on 2).
+5. The softmax shift of attention: the textbook per-row max against F._exp_rows on scores computed
+   against centred keys (the row mean as the shift), "baby" and "char" shapes.
 Shapes are those of the "char" config of scripts/bench_cpu.py: B=8, T=256, C=384, 6 heads.
-Parts 1-3 report the best of several runs (ms), since they measure code, not the machine's noise;
+Parts 1-3 and 5 report the best of several runs (ms), since they measure code, not the machine's noise;
 part 4 reports medians.
 """
 import math
@@ -152,6 +154,36 @@ def part_attention():
     print()
 
 
+def softmax_textbook(P, scores, mask):
+    """The causal softmax of attention as the textbook writes it: scores, mask, per-row max, exp, sum."""
+    scores(P)
+    P += mask
+    P -= P.max(axis=-1, keepdims=True)
+    np.exp(P, out=P)
+    P /= P.sum(axis=-1, keepdims=True)
+
+
+def softmax_centred(P, qs, k, mask):
+    """As F.ScaledDotProductAttention does it: scores against centred keys, then F._exp_rows."""
+    kcT = (k - k.mean(axis=-2, keepdims=True)).swapaxes(-1, -2)
+    _, Z = F._exp_rows(P, lambda out: np.matmul(qs, kcT, out=out), mask)
+    P *= 1.0 / Z
+
+
+def part_softmax_shift():
+    r = np.random.default_rng(3)
+    for b, h, t, d in [(12, 4, 64, 32), (B, H, T, C // H)]:   # "baby" and "char"
+        q, k = (r.standard_normal((b, h, t, d)).astype(np.float32) / d ** 0.25 for _ in range(2))
+        mask = F._causal_bias(np, t, t, np.float32)
+        P1, P2 = np.empty((b, h, t, t), np.float32), np.empty((b, h, t, t), np.float32)
+        textbook = best_ms(lambda: softmax_textbook(P1, lambda out: np.matmul(q, k.swapaxes(-1, -2), out=out), mask))
+        centred = best_ms(lambda: softmax_centred(P2, q, k, mask))
+        print(f"## 5. attention scores + causal softmax, {(b, h, t, d)}, one thread")
+        print(f"textbook (per-row max) {textbook:.2f} ms, centred keys + _exp_rows {centred:.2f} ms "
+              f"(largest difference {np.abs(P1 - P2).max():.1e})")
+    print()
+
+
 def part_interference():
     try:
         import torch
@@ -190,6 +222,7 @@ def main():
     part_gelu_backward()
     part_attention()
     part_interference()
+    part_softmax_shift()
 
 
 if __name__ == "__main__":
