@@ -726,9 +726,13 @@ class ScaledDotProductAttention(Function):
         # gradients laid out like their inputs (gy is laid out like y, like q), all rows written below
         grads = (xp.empty_like(gy) if need_q else None, xp.empty_like(self.k) if need_k else None,
                  xp.empty_like(self.v) if need_v else None)
-        threads.parallel_for(gy.shape[0], lambda b0, b1: self.backward_rows(slice(b0, b1), gy, *grads), xp,
-                             size=self.P[-1].size)
+        self.backward_into(gy, *grads)
         return grads
+
+    def backward_into(self, gy, gq, gk, gv):
+        """The backward, written into gq, gk, gv (None: not wanted), the batch cut over the CPU threads."""
+        threads.parallel_for(gy.shape[0], lambda b0, b1: self.backward_rows(slice(b0, b1), gy, gq, gk, gv),
+                             get_array_module(gy), size=self.P[-1].size)
 
     def backward_rows(self, bs, gy, gq, gk, gv):
         """The backward for the sequences bs of the batch, into gq[bs], gk[bs] and gv[bs]."""
@@ -801,8 +805,7 @@ class SelfAttention(ScaledDotProductAttention):
         gy = gy.reshape(B, T, H, D).transpose(0, 2, 1, 3)         # (B, H, T, D) view
         # with RoPE, the gradients of the rotated q and k first, then rotated back (by −a) into g
         gq_r, gk_r = (xp.empty_like(gq), xp.empty_like(gk)) if self.rope is not None else (gq, gk)
-        threads.parallel_for(B, lambda b0, b1: self.backward_rows(slice(b0, b1), gy, gq_r, gk_r, gv), xp,
-                             size=self.P[-1].size)
+        self.backward_into(gy, gq_r, gk_r, gv)
         if self.rope is not None:
             c, s = _rope_halves(*self.rope)
             _rotate(gq_r, c, -s, out=gq)
