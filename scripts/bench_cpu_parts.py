@@ -11,8 +11,11 @@
    no rest and with 0.2 s of rest before each step (needs torch; tinyllm on one thread, BLAS on 2).
 5. The softmax shift of attention: the textbook per-row max against F._exp_rows on scores computed
    against centred keys (the row mean as the shift), "baby" and "char" shapes.
+6. Short rows: sums and dot products over the last axis (.sum, einsum, F._sum_last's matrix-vector
+   product, F._dot_last's vecdot) and attention's key centring (head by head, F._centred_keys on a
+   view of packed q/k/v rows), on the shapes of the "baby" step.
 Shapes are those of the "char" config of scripts/bench_cpu.py: B=8, T=256, C=384, 6 heads.
-Parts 1-3 and 5 report the best of several runs (ms), since they measure code, not the machine's noise;
+Parts 1-3, 5 and 6 report the best of several runs (ms; µs in part 6), since they measure code, not the machine's noise;
 part 4 reports medians.
 """
 import math
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tinyllm.nn.functional as F  # noqa: E402
-from tinyllm import threads  # noqa: E402
+from tinyllm import backend, threads  # noqa: E402
 
 B, T, C, H = 8, 256, 384, 6
 
@@ -165,7 +168,7 @@ def softmax_textbook(P, scores, mask):
 
 def softmax_centred(P, qs, k, mask):
     """As F.ScaledDotProductAttention does it: scores against centred keys, then F._exp_rows."""
-    kcT = (k - k.mean(axis=-2, keepdims=True)).swapaxes(-1, -2)
+    kcT = F._centred_keys(k).swapaxes(-1, -2)
     _, Z = F._exp_rows(P, lambda out: np.matmul(qs, kcT, out=out), mask)
     P *= 1.0 / Z
 
@@ -181,6 +184,33 @@ def part_softmax_shift():
         print(f"## 5. attention scores + causal softmax, {(b, h, t, d)}, one thread")
         print(f"textbook (per-row max) {textbook:.2f} ms, centred keys + _exp_rows {centred:.2f} ms "
               f"(largest difference {np.abs(P1 - P2).max():.1e})")
+    print()
+
+
+def best_us(fn, inner=200, repeat=7):
+    """Best mean time of `inner` back-to-back calls, in microseconds (for ops of a few µs)."""
+    return best_ms(lambda: [fn() for _ in range(inner)], repeat) * 1e3 / inner
+
+
+def part_short_rows():
+    r = np.random.default_rng(4)
+    print("## 6. short rows, one thread (µs per call)")
+    for name, shape in [("layer norm rows", (12, 64, 128)), ("attention scores", (12, 4, 64, 64)),
+                        ("logits", (768, 65))]:
+        a, b = (r.standard_normal(shape).astype(np.float32) for _ in range(2))
+        sums = {".sum(-1)": lambda: a.sum(axis=-1), "einsum": lambda: np.einsum("...c->...", a),
+                "F._sum_last (a @ ones)": lambda: F._sum_last(a)}
+        dots = {"einsum": lambda: np.einsum("...c,...c->...", a, b), "F._dot_last": lambda: F._dot_last(a, b)}
+        print(f"{name} {shape}: sum " + ", ".join(f"{k} {best_us(f):.1f}" for k, f in sums.items())
+              + "; dot " + ", ".join(f"{k} {best_us(f):.1f}" for k, f in dots.items()))
+    b_, t, h, d = 12, 64, 4, 32
+    qkv = r.standard_normal((b_, t, 3 * h * d)).astype(np.float32)
+    k = qkv[..., h * d:2 * h * d].reshape(b_, t, h, d).transpose(0, 2, 1, 3)   # (B, H, T, D) view, as in the model
+    by_head = best_us(lambda: k - k.mean(axis=-2, keepdims=True))
+    rows = best_us(lambda: F._centred_keys(k))
+    diff = np.abs((k - k.mean(axis=-2, keepdims=True)) - F._centred_keys(k)).max()
+    print(f"key centring {k.shape}: head by head {by_head:.1f}, F._centred_keys (whole rows) {rows:.1f} "
+          f"(largest difference {diff:.1e})")
     print()
 
 
@@ -217,12 +247,14 @@ def part_interference():
 
 
 def main():
-    print(f"numpy {np.__version__}, {os.cpu_count()} CPUs\n")
+    backend.keep_freed_host_memory()   # as `tinyllm train`: freed arrays are reused, not faulted in again
+    print(f"numpy {np.__version__}, {os.cpu_count()} CPUs, glibc keeps freed memory\n")
     part_threads()
     part_gelu_backward()
     part_attention()
     part_interference()
     part_softmax_shift()
+    part_short_rows()
 
 
 if __name__ == "__main__":

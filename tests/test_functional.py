@@ -325,6 +325,34 @@ def test_softmaxes_and_cross_entropy_are_stable_at_huge_logits(dtype):
     np.testing.assert_allclose(loss.item(), expected, rtol=1e-6)
 
 
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4), dtype=st.sampled_from(["float32", "float64"]),
+       transpose=st.booleans(), vecdot=st.booleans())
+def test_row_helpers_match_numpy(shape, dtype, transpose, vecdot):
+    """_sum_last (a product with ones), _dot_last (vecdot, or einsum without it), on any view."""
+    r = np.random.default_rng(len(shape))
+    a, b = (r.standard_normal(shape).astype(dtype) for _ in range(2))
+    if transpose and a.ndim > 1:                     # strided views, as attention passes them
+        a, b = a.swapaxes(0, -1), b.swapaxes(0, -1)
+    with pytest.MonkeyPatch.context() as mp:
+        if not vecdot and hasattr(np, "vecdot"):
+            mp.delattr(np, "vecdot")                 # NumPy < 2 has none: the einsum way
+        got_sum, got_dot = F._sum_last(a), F._dot_last(a, b)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    assert got_sum.shape == got_dot.shape == a.shape[:-1] + (1,) and got_sum.dtype == got_dot.dtype == a.dtype
+    np.testing.assert_allclose(got_sum, a64.sum(-1, keepdims=True), rtol=tol, atol=tol)
+    np.testing.assert_allclose(got_dot, (a64 * b64).sum(-1, keepdims=True), rtol=tol, atol=tol)
+
+
+def test_centred_keys_keep_the_layout_of_packed_rows():
+    qkv = np.random.default_rng(5).standard_normal((2, 7, 3 * 4 * 3))
+    k = qkv[..., 12:24].reshape(2, 7, 4, 3).transpose(0, 2, 1, 3)   # (B, H, T, D) view of packed rows
+    kc = F._centred_keys(k)
+    np.testing.assert_allclose(kc, k - k.mean(axis=-2, keepdims=True), atol=1e-14)
+    assert kc.transpose(0, 2, 1, 3).flags.c_contiguous      # (B, T, H, D) in memory, like k's rows
+
+
 def _textbook_softmax(x):
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)

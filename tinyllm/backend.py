@@ -59,7 +59,7 @@ def xp_for(device):
 def get_array_module(*arrays):
     """numpy or cupy, whichever owns the given arrays (numpy for Python scalars)."""
     for a in arrays:
-        if type(a).__module__.startswith("cupy"):  # works before cupy was imported by tinyllm
+        if type(a) is not numpy.ndarray and type(a).__module__.startswith("cupy"):  # works before cupy was imported
             return _load_cupy() or _raise_no_cupy()
     return numpy
 

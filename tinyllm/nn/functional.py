@@ -40,8 +40,12 @@ def _rows_dot(a, b):
 
 
 def _sum_last(a):
-    """Sum over the last axis, kept as size 1: (..., C) -> (..., 1) (einsum: 2-4x faster than .sum here)."""
-    return get_array_module(a).einsum("...c->...", a)[..., None]
+    """Sum over the last axis, kept as size 1: (..., C) -> (..., 1).
+
+    As a matrix-vector product with ones: BLAS sums short rows faster than einsum, and einsum
+    faster than .sum(axis=-1) (part 6 of scripts/bench_cpu_parts.py).
+    """
+    return (a @ get_array_module(a).ones(a.shape[-1], dtype=a.dtype))[..., None]
 
 
 def _mean_last(a):
@@ -50,8 +54,13 @@ def _mean_last(a):
 
 
 def _dot_last(a, b):
-    """Σ_c a ⊙ b over the last axis, kept as size 1: (..., C), (..., C) -> (..., 1), no temporary."""
-    return get_array_module(a).einsum("...c,...c->...", a, b)[..., None]
+    """Σ_c a ⊙ b over the last axis, kept as size 1: (..., C), (..., C) -> (..., 1), no temporary.
+
+    NumPy 2's vecdot (faster than einsum on short rows, part 6 of scripts/bench_cpu_parts.py), else einsum.
+    """
+    xp = get_array_module(a)
+    vecdot = getattr(xp, "vecdot", None)
+    return (vecdot(a, b) if vecdot is not None else xp.einsum("...c,...c->...", a, b))[..., None]
 
 
 def _raw_int_array(a, like, what):
@@ -703,8 +712,7 @@ class ScaledDotProductAttention(Function):
             qb = qg[:, :, :, r0:r1].reshape(-1, Hkv, G * Tb, D)  # the group's query rows, stacked
             # keys minus their mean k̄: q̃·(k − k̄) is each score minus its row's mean q̃·k̄, the first
             # shift of the softmax (see _exp_rows), for D numbers per key instead of s1 per query
-            k = self.k[bs, :, :s1]
-            kcT = (k - k.mean(axis=-2, keepdims=True)).swapaxes(-1, -2)   # (b, Hkv, D, s1)
+            kcT = _centred_keys(self.k[bs, :, :s1]).swapaxes(-1, -2)   # (b, Hkv, D, s1)
             # row g·Tb + i of a group is query r0 + i of head g: the (Tb, s1) mask repeats G times
             mask = xp.tile(_causal_bias(xp, Tb, s1, P.dtype), (G, 1)) if self.causal else None
             _, Z = _exp_rows(P, lambda out: xp.matmul(qb, kcT, out=out), mask)  # (b, Hkv, G·Tb, s1)
@@ -820,6 +828,18 @@ def _split_heads(qkv, n_head, n_kv_head):
     q, k, v = qkv[..., :n_head * D], qkv[..., n_head * D:(n_head + n_kv_head) * D], qkv[..., (n_head + n_kv_head) * D:]
     return (q.reshape(B, T, n_head, D).transpose(0, 2, 1, 3), k.reshape(B, T, n_kv_head, D).transpose(0, 2, 1, 3),
             v.reshape(B, T, n_kv_head, D).transpose(0, 2, 1, 3))
+
+
+def _centred_keys(k):
+    """k − k̄, its mean over the keys: (..., S, D) -> (..., S, D), laid out in memory like k.
+
+    The layout is the point: when k is a view of packed q/k/v rows (B, S, Hkv·D), the subtraction
+    then runs along whole rows of all heads, not D numbers of one head at a time (faster: part 6
+    of scripts/bench_cpu_parts.py). The mean is a matrix-vector product per head.
+    """
+    xp = get_array_module(k)
+    k_mean = xp.ones(k.shape[-2], dtype=k.dtype) @ k / k.shape[-2]   # (..., D)
+    return xp.subtract(k, k_mean[..., None, :], out=xp.empty_like(k))
 
 
 def _add_key_rows(total, a, b, every_key):
