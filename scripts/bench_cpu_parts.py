@@ -14,8 +14,11 @@
 6. Short rows: sums and dot products over the last axis (.sum, einsum, F._sum_last's matrix-vector
    product, F._dot_last's vecdot) and attention's key centring (head by head, F._centred_keys on a
    view of packed q/k/v rows), on the shapes of the "baby" step.
+7. The "baby" layers one at a time, forward + backward, tinyllm against PyTorch (needs torch; both
+   on the machine's cores as scripts/bench_cpu.py runs them: tinyllm's elementwise work on one,
+   BLAS and PyTorch on all), and GELU's forward on arrays fresh in cache or not.
 Shapes are those of the "char" config of scripts/bench_cpu.py: B=8, T=256, C=384, 6 heads.
-Parts 1-3, 5 and 6 report the best of several runs (ms; µs in part 6), since they measure code, not the machine's noise;
+Parts 1-3 and 5-7 report the best of several runs (ms; µs in parts 6 and 7), since they measure code, not the machine's noise;
 part 4 reports medians.
 """
 import math
@@ -214,6 +217,82 @@ def part_short_rows():
     print()
 
 
+def part_layers_vs_torch():
+    print("## 7. \"baby\" layers one at a time, forward + backward (µs per call)")
+    r = np.random.default_rng(5)
+    b_, t, c, h = 12, 64, 128, 4
+    x, gx = (r.standard_normal((b_, t, c)).astype(np.float32) for _ in range(2))
+    w = r.standard_normal(c).astype(np.float32)
+    hid, ghid = (r.standard_normal((b_, t, 4 * c)).astype(np.float32) for _ in range(2))
+    qkv = r.standard_normal((b_, t, 3 * c)).astype(np.float32)
+
+    def layer_norm():
+        op = F.LayerNorm(1e-5, True, False)
+        op.needs_input_grad = (True, True)
+        op.forward(x, w)
+        op.backward(gx)
+
+    def gelu():
+        op = F.GELU()
+        op.forward(hid)
+        op.backward(ghid)
+
+    def attention():
+        op = F.SelfAttention(h, h)
+        op.needs_input_grad = (True,)
+        op.forward(qkv)
+        op.backward(gx)
+    ours = {"layer norm (768, 128)": layer_norm, "GELU (768, 512)": gelu, "causal attention (12, 4, 64, 32)": attention}
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    theirs = {}
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count())
+        tx, tw, thid, tqkv = (torch.from_numpy(a).requires_grad_(True) for a in (x, w, hid, qkv))
+        tgx, tghid = torch.from_numpy(gx), torch.from_numpy(ghid)
+
+        def fresh(*leaves):   # each call starts with no gradient, as tinyllm's ops return fresh ones
+            for leaf in leaves:
+                leaf.grad = None
+
+        def t_layer_norm():
+            torch.nn.functional.layer_norm(tx, (c,), tw).backward(tgx)
+            fresh(tx, tw)
+
+        def t_gelu():
+            torch.nn.functional.gelu(thid, approximate="tanh").backward(tghid)
+            fresh(thid)
+
+        def t_attention():
+            q, k, v = (a.view(b_, t, h, c // h).transpose(1, 2) for a in tqkv.split(c, dim=2))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y.transpose(1, 2).reshape(b_, t, c).backward(tgx)
+            fresh(tqkv)
+        theirs = dict(zip(ours, (t_layer_norm, t_gelu, t_attention)))
+    for name, fn in ours.items():
+        peer = f", PyTorch {best_us(theirs[name], 50):.0f}" if name in theirs else " (PyTorch not installed)"
+        print(f"{name}: tinyllm {best_us(fn, 50):.0f}{peer}")
+    # In a training step an op's output is rarely in cache: it lands in memory freed long before.
+    n = 768 * 512
+    inputs = [r.standard_normal(n).astype(np.float32) for _ in range(24)]
+    outputs = [np.zeros(n, np.float32) for _ in range(48)]   # 144 MiB in all: more than the caches
+
+    def gelu_forward(k_in, k_out, calls=240):
+        times = []
+        for i in range(calls):
+            x_, y_, s_ = inputs[i % k_in], outputs[2 * i % k_out], outputs[(2 * i + 1) % k_out]
+            t0 = time.perf_counter()
+            F._gelu_forward(y_, x_, s_)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e6
+    print("GELU forward on (768, 512), median µs: input and outputs in cache "
+          f"{gelu_forward(1, 2):.0f}, input not {gelu_forward(24, 2):.0f}, outputs not {gelu_forward(1, 48):.0f}, "
+          f"neither {gelu_forward(24, 48):.0f}")
+    print()
+
+
 def part_interference():
     try:
         import torch
@@ -255,6 +334,7 @@ def main():
     part_interference()
     part_softmax_shift()
     part_short_rows()
+    part_layers_vs_torch()
 
 
 if __name__ == "__main__":
