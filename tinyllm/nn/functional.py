@@ -835,11 +835,11 @@ def _centred_keys(k):
 
     The layout is the point: when k is a view of packed q/k/v rows (B, S, Hkv·D), the subtraction
     then runs along whole rows of all heads, not D numbers of one head at a time (faster: part 6
-    of scripts/bench_cpu_parts.py). The mean is a matrix-vector product per head.
+    of scripts/bench_cpu_parts.py).
     """
     xp = get_array_module(k)
-    k_mean = xp.ones(k.shape[-2], dtype=k.dtype) @ k / k.shape[-2]   # (..., D)
-    return xp.subtract(k, k_mean[..., None, :], out=xp.empty_like(k))
+    k_mean = _mean_last(k.swapaxes(-1, -2)).swapaxes(-1, -2)   # (..., 1, D), through _sum_last's product with ones
+    return xp.subtract(k, k_mean, out=xp.empty_like(k))
 
 
 def _add_key_rows(total, a, b, every_key):
