@@ -12,8 +12,9 @@
 5. The softmax shift of attention: the textbook per-row max against F._exp_rows on scores computed
    against centred keys (the row mean as the shift), "baby" and "char" shapes.
 6. Short rows: sums and dot products over the last axis (.sum, einsum, F._sum_last's matrix-vector
-   product, F._dot_last's vecdot) and attention's key centring (head by head, F._centred_keys on a
-   view of packed q/k/v rows), on the shapes of the "baby" step.
+   product, F._dot_last's vecdot), on the shapes of the "baby" step; and attention's small products
+   with a transposed right operand: a transposed view (NT) against a transposed copy (NN), for the
+   scores against centred keys (F._centred_keys_transposed) and for backward's gy vᵀ.
 7. The "baby" layers one at a time, forward + backward, tinyllm against PyTorch (needs torch; both
    on the machine's cores as scripts/bench_cpu.py runs them: tinyllm's elementwise work on one,
    BLAS and PyTorch on all), and GELU's forward on arrays fresh in cache or not.
@@ -171,7 +172,7 @@ def softmax_textbook(P, scores, mask):
 
 def softmax_centred(P, qs, k, mask):
     """As F.ScaledDotProductAttention does it: scores against centred keys, then F._exp_rows."""
-    kcT = F._centred_keys(k).swapaxes(-1, -2)
+    kcT = F._centred_keys_transposed(k)
     _, Z = F._exp_rows(P, lambda out: np.matmul(qs, kcT, out=out), mask)
     P *= 1.0 / Z
 
@@ -208,12 +209,24 @@ def part_short_rows():
               + "; dot " + ", ".join(f"{k} {best_us(f):.1f}" for k, f in dots.items()))
     b_, t, h, d = 12, 64, 4, 32
     qkv = r.standard_normal((b_, t, 3 * h * d)).astype(np.float32)
-    k = qkv[..., h * d:2 * h * d].reshape(b_, t, h, d).transpose(0, 2, 1, 3)   # (B, H, T, D) view, as in the model
-    by_head = best_us(lambda: k - k.mean(axis=-2, keepdims=True))
-    rows = best_us(lambda: F._centred_keys(k))
-    diff = np.abs((k - k.mean(axis=-2, keepdims=True)) - F._centred_keys(k)).max()
-    print(f"key centring {k.shape}: head by head {by_head:.1f}, F._centred_keys (whole rows) {rows:.1f} "
-          f"(largest difference {diff:.1e})")
+    q, k, v = (qkv[..., i * h * d:(i + 1) * h * d].reshape(b_, t, h, d).transpose(0, 2, 1, 3) for i in range(3))
+    qs = np.ascontiguousarray(q)                                # q̃, as attention keeps it
+    scores = np.empty((b_, h, t, t), np.float32)
+
+    def centred_keys_like_k():                                  # the centred keys laid out like k (packed rows)
+        k_mean = F._mean_last(k.swapaxes(-1, -2)).swapaxes(-1, -2)
+        return np.subtract(k, k_mean, out=np.empty_like(k))
+
+    ways = {"k laid out like its rows, transposed view (NT)":
+            lambda: np.matmul(qs, centred_keys_like_k().swapaxes(-1, -2), out=scores),
+            "F._centred_keys_transposed (NN)": lambda: np.matmul(qs, F._centred_keys_transposed(k), out=scores)}
+    print(f"attention scores against centred keys {k.shape}: "
+          + ", ".join(f"{name} {best_us(f, 50):.1f}" for name, f in ways.items()))
+    gy = r.standard_normal((b_, t, h, d)).astype(np.float32).transpose(0, 2, 1, 3)   # a view of (B, T, C) rows
+    vT = lambda: np.ascontiguousarray(v.swapaxes(-1, -2))
+    ways = {"transposed view of v (NT)": lambda: np.matmul(gy, v.swapaxes(-1, -2), out=scores),
+            "transposed copy of v (NN)": lambda: np.matmul(gy, vT(), out=scores)}
+    print(f"attention backward gy vᵀ {v.shape}: " + ", ".join(f"{name} {best_us(f, 50):.1f}" for name, f in ways.items()))
     print()
 
 

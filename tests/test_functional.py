@@ -345,12 +345,23 @@ def test_row_helpers_match_numpy(shape, dtype, transpose, vecdot):
     np.testing.assert_allclose(got_dot, (a64 * b64).sum(-1, keepdims=True), rtol=tol, atol=tol)
 
 
-def test_centred_keys_keep_the_layout_of_packed_rows():
+def test_centred_keys_come_transposed_in_memory():
     qkv = np.random.default_rng(5).standard_normal((2, 7, 3 * 4 * 3))
     k = qkv[..., 12:24].reshape(2, 7, 4, 3).transpose(0, 2, 1, 3)   # (B, H, T, D) view of packed rows
-    kc = F._centred_keys(k)
-    np.testing.assert_allclose(kc, k - k.mean(axis=-2, keepdims=True), atol=1e-14)
-    assert kc.transpose(0, 2, 1, 3).flags.c_contiguous      # (B, T, H, D) in memory, like k's rows
+    kcT = F._centred_keys_transposed(k)
+    assert kcT.shape == (2, 4, 3, 7) and kcT.flags.c_contiguous    # (B, H, D, T): a plain right operand
+    np.testing.assert_allclose(kcT, (k - k.mean(axis=-2, keepdims=True)).swapaxes(-1, -2), atol=1e-14)
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_matmul_into_group_rows_writes_only_its_rows(G):
+    r = np.random.default_rng(6)
+    a, b = r.standard_normal((2, 2, G * 4, 5)), r.standard_normal((2, 2, 5, 3))
+    y = r.standard_normal((2, 6, 2 * G, 3)).transpose(0, 2, 1, 3).reshape(2, 2, G, 6, 3)  # as y (B, Hkv, G, T, D)
+    before = y.copy()
+    F._matmul_into_group_rows(a, b, y[:, :, :, 1:5])
+    np.testing.assert_allclose(y[:, :, :, 1:5], (a @ b).reshape(2, 2, G, 4, 3), atol=1e-12)
+    np.testing.assert_array_equal(y[:, :, :, [0, 5]], before[:, :, :, [0, 5]])
 
 
 def _textbook_softmax(x):

@@ -712,12 +712,12 @@ class ScaledDotProductAttention(Function):
             qb = qg[:, :, :, r0:r1].reshape(-1, Hkv, G * Tb, D)  # the group's query rows, stacked
             # keys minus their mean k̄: q̃·(k − k̄) is each score minus its row's mean q̃·k̄, the first
             # shift of the softmax (see _exp_rows), for D numbers per key instead of s1 per query
-            kcT = _centred_keys(self.k[bs, :, :s1]).swapaxes(-1, -2)   # (b, Hkv, D, s1)
+            kcT = _centred_keys_transposed(self.k[bs, :, :s1])  # (b, Hkv, D, s1)
             # row g·Tb + i of a group is query r0 + i of head g: the (Tb, s1) mask repeats G times
             mask = xp.tile(_causal_bias(xp, Tb, s1, P.dtype), (G, 1)) if self.causal else None
             _, Z = _exp_rows(P, lambda out: xp.matmul(qb, kcT, out=out), mask)  # (b, Hkv, G·Tb, s1)
             P *= 1.0 / Z                                     # softmax over keys, in place: probabilities
-            y[:, :, :, r0:r1] = (P @ self.v[bs, :, :s1]).reshape(-1, Hkv, G, Tb, D)
+            _matmul_into_group_rows(P, self.v[bs, :, :s1], y[:, :, :, r0:r1])    # y rows = P v
 
     # With S = q̃ kᵀ (+ mask), q̃ = scale·q, P = softmax(S) row by row, y = P v (per batch and k/v head,
     # the group's query rows stacked; per query block, over the keys it sees):
@@ -744,6 +744,7 @@ class ScaledDotProductAttention(Function):
 
     def backward_rows(self, bs, gy, gq, gk, gv):
         """The backward for the sequences bs of the batch, into gq[bs], gk[bs] and gv[bs]."""
+        xp = get_array_module(gy)
         B, Hkv, S, D = self.k.shape
         H, T = gy.shape[1], gy.shape[2]
         G = H // Hkv
@@ -758,11 +759,12 @@ class ScaledDotProductAttention(Function):
             if gv is not None:
                 _add_key_rows(gv[bs], P.swapaxes(-1, -2), gyb, every_key)            # Pᵀ gy
             if gq is not None or gk is not None:
-                gS = gyb @ self.v[bs, :, :s1].swapaxes(-1, -2)                      # gP, (b, Hkv, G·Tb, s1)
+                vT = xp.ascontiguousarray(self.v[bs, :, :s1].swapaxes(-1, -2))     # (b, Hkv, D, s1): NN below
+                gS = gyb @ vT                                                        # gP, (b, Hkv, G·Tb, s1)
                 gS -= _dot_last(gyb, y[rows].reshape(gyb.shape))                     # gP − rowsum(gP ⊙ P), as gy·y
                 gS *= P                                                              # gS
                 if gq is not None:
-                    gq5[rows] = (gS @ self.k[bs, :, :s1]).reshape(gq5[rows].shape)
+                    _matmul_into_group_rows(gS, self.k[bs, :, :s1], gq5[rows])       # gq rows = gS k
                 if gk is not None:
                     _add_key_rows(gk[bs], gS.swapaxes(-1, -2), qg[rows].reshape(gyb.shape), every_key)  # gSᵀ q̃
         if gq is not None:
@@ -830,16 +832,31 @@ def _split_heads(qkv, n_head, n_kv_head):
             v.reshape(B, T, n_kv_head, D).transpose(0, 2, 1, 3))
 
 
-def _centred_keys(k):
-    """k − k̄, its mean over the keys: (..., S, D) -> (..., S, D), laid out in memory like k.
+def _centred_keys_transposed(k):
+    """(k − k̄)ᵀ, k̄ the mean over the keys: (..., S, D) -> (..., D, S), a C-contiguous array.
 
-    The layout is the point: when k is a view of packed q/k/v rows (B, S, Hkv·D), the subtraction
-    then runs along whole rows of all heads, not D numbers of one head at a time (faster: part 6
-    of scripts/bench_cpu_parts.py).
+    Transposed in memory, not just a transposed view, because the scores' product q̃ (k − k̄)ᵀ is
+    then a plain one (NN): OpenBLAS's kernels for small matrices took 204 µs for a transposed right
+    operand (NT) against 119 µs (NN) on the 48 products of a "baby" layer (part 6 of
+    scripts/bench_cpu_parts.py), and the transposing write costs less than the difference.
     """
     xp = get_array_module(k)
-    k_mean = _mean_last(k.swapaxes(-1, -2)).swapaxes(-1, -2)   # (..., 1, D), through _sum_last's product with ones
-    return xp.subtract(k, k_mean, out=xp.empty_like(k))
+    kT = k.swapaxes(-1, -2)                                  # (..., D, S) view
+    out = xp.empty(kT.shape, dtype=k.dtype)
+    return xp.subtract(kT, _mean_last(kT), out=out)          # the mean through _sum_last's product with ones
+
+
+def _matmul_into_group_rows(a, b, out):
+    """out[...] = a @ b: a @ b is (b, Hkv, G·Tb, D), out the same rows as (b, Hkv, G, Tb, D).
+
+    With one query head per k/v head (G = 1) out[:, :, 0] is a view of that shape, and the product
+    is written straight into it (no temporary, no copy); with G > 1 out's rows are not evenly
+    spaced in memory, so the product goes through a temporary.
+    """
+    if out.shape[2] == 1:
+        get_array_module(a).matmul(a, b, out=out[:, :, 0])
+    else:
+        out[...] = (a @ b).reshape(out.shape)
 
 
 def _add_key_rows(total, a, b, every_key):
