@@ -7,7 +7,8 @@ Both models get tinyllm's exact initial weights, the same batch, float32, dropou
 number of threads; the first step's losses must agree (proof that the same computation is timed).
 Timing alternates A/B turns after a warm-up (see PAUSE and TURN) and reports medians and the ratio
 tinyllm/PyTorch. Threads: BENCH_THREADS for both (default: every core); tinyllm picks how to use
-them as `tinyllm train` does (tinyllm.threads.default_num_threads) unless BENCH_TINYLLM_THREADS is set.
+them as `tinyllm train` does (tinyllm.threads.default_plan: how many, and whether they cut each layer
+or the batch) unless BENCH_TINYLLM_THREADS or BENCH_TINYLLM_PARALLEL ("layers" or "batch") is set.
 Peak memory is measured in fresh subprocesses (one per framework): the rise of the peak resident
 set size during the steps over the resident size just before them (weights and batch built).
 """
@@ -66,19 +67,36 @@ def build_tinyllm(cfg, seed=0):
 
 
 def use_threads(cfg, cores):
-    """tinyllm's CPU threads: BENCH_TINYLLM_THREADS, else as `tinyllm train` picks them by default."""
+    """tinyllm's CPU threads as `tinyllm train` picks them (tinyllm.threads.default_plan; dropout 0):
+    (thread count, what they cut: "layers" or "batch"). BENCH_TINYLLM_THREADS forces the count,
+    BENCH_TINYLLM_PARALLEL the cut."""
     from tinyllm import threads
-    forced = int(os.environ.get("BENCH_TINYLLM_THREADS", 0))
-    return threads.set_num_threads(forced or threads.default_num_threads(cfg["batch_size"], cfg["block_size"],
-                                                                         cfg["n_embd"], cores))
+    n, cut = threads.default_plan(cfg["batch_size"], cfg["block_size"], cfg["n_embd"], 0.0, cores)
+    n = threads.set_num_threads(int(os.environ.get("BENCH_TINYLLM_THREADS", 0)) or n)
+    return n, os.environ.get("BENCH_TINYLLM_PARALLEL", cut)
 
 
-def tinyllm_step(model, optimizer, x, y):
-    _, loss = model(x, y)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return float(loss.item())
+def tinyllm_stepper(model, optimizer, cut):
+    """step(x, y) -> loss: one training step as `tinyllm train` takes it (the batch cut over worker
+    processes by tinyllm.data_parallel when cut is "batch"). step.worker_pids lists those processes."""
+    from tinyllm.data_parallel import DataParallel
+    data_parallel = DataParallel(model) if cut == "batch" else None
+
+    def step(x, y):
+        if data_parallel is not None:
+            loss = data_parallel.forward_backward(x, y)
+        else:
+            _, loss = model(x, y)
+            loss.backward()
+            loss = loss.data
+        if data_parallel is not None:
+            data_parallel.step(optimizer)
+        else:
+            optimizer.step()
+        optimizer.zero_grad()
+        return float(loss)
+    step.worker_pids = data_parallel.worker_pids if data_parallel is not None else []
+    return step
 
 
 # ----------------------------------------------------------------------------------------------- PyTorch
@@ -166,38 +184,38 @@ def memory_child(framework, name, steps):
     cfg = CONFIGS[name]
     x, y = make_batch(cfg)
     model, optimizer = build_tinyllm(cfg)
-    use_threads(cfg, int(os.environ.get("BENCH_THREADS", os.cpu_count())))
+    _, cut = use_threads(cfg, int(os.environ.get("BENCH_THREADS", os.cpu_count())))
     if framework == "torch":
         import torch
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count())))
         model, optimizer = build_torch(cfg, model.state_dict())
         x, y = torch.from_numpy(x), torch.from_numpy(y)
-        step = torch_step
+        step = lambda x, y: torch_step(model, optimizer, x, y)   # noqa: E731
     else:
-        step = tinyllm_step
+        step = tinyllm_stepper(model, optimizer, cut)
     import gc
     gc.collect()
-    before = _rss_mib()
+    # tinyllm's worker processes (data parallelism) count too: each one's rise over its own RSS before
+    # the steps, added up (pages the processes share count once per process: an overestimate)
+    pids = ["self"] + [str(pid) for pid in getattr(step, "worker_pids", [])]
+    before = [_status_mib(pid, "VmRSS") for pid in pids]
     for _ in range(steps):
-        step(model, optimizer, x, y)
-    peak = _peak_rss_mib()
-    print(json.dumps({"before_mib": before, "peak_mib": peak, "rise_mib": peak - before}))
+        step(x, y)
+    peak = [_status_mib(pid, "VmHWM") for pid in pids]
+    rise = sum(p - b for p, b in zip(peak, before))
+    print(json.dumps({"before_mib": before[0], "peak_mib": peak[0], "rise_mib": rise, "processes": len(pids)}))
 
 
-def _peak_rss_mib():
-    # VmHWM is this process's own high-water mark; ru_maxrss would include the parent's RSS at fork
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith("VmHWM:"))
+def _status_mib(pid, field):
+    """VmRSS (resident now) or VmHWM (peak resident) of a process, in MiB. VmHWM is the process's own
+    high-water mark; ru_maxrss would include the parent's RSS at fork."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
     return int(line.split()[1]) / 1024
 
 
 def _page_faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def _rss_mib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def measure_memory(framework, name, default_malloc, steps=3):
@@ -274,23 +292,24 @@ def bench(name, steps, warmup, profile, default_malloc):
         torch = None
         print("PyTorch is not installed: timing tinyllm alone (pip install torch for the comparison)")
     threads = int(os.environ.get("BENCH_THREADS", os.cpu_count()))
-    ours = use_threads(cfg, threads)
-    blas = "NumPy's BLAS on 1" if ours > 1 else f"NumPy's BLAS on its own {threads}"
+    ours, cut = use_threads(cfg, threads)
+    blas = f"{cut} cut over them, NumPy's BLAS on 1" if ours > 1 else f"NumPy's BLAS on its own {threads}"
     print(f"threads: tinyllm {ours} ({blas}), PyTorch {threads if torch is not None else '-'}")
+    tinyllm_step = tinyllm_stepper(model, optimizer, cut)
     if torch is not None:
         torch.set_num_threads(threads)
         tmodel, toptimizer = build_torch(cfg, model.state_dict())
         tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-        loss_ours = tinyllm_step(model, optimizer, x, y)
+        loss_ours = tinyllm_step(x, y)
         loss_theirs = torch_step(tmodel, toptimizer, tx, ty)
         print(f"first-step loss: tinyllm {loss_ours:.6f}  PyTorch {loss_theirs:.6f}  "
               f"(|diff| {abs(loss_ours - loss_theirs):.2e}; threads {threads})")
         if abs(loss_ours - loss_theirs) > 1e-4:
             raise SystemExit("the two models disagree: not timing different computations")
     else:
-        tinyllm_step(model, optimizer, x, y)
+        tinyllm_step(x, y)
     if profile:
-        print_op_times(lambda: tinyllm_step(model, optimizer, x, y))
+        print_op_times(lambda: tinyllm_step(x, y))
         if torch is not None:
             print_torch_op_times(lambda: torch_step(tmodel, toptimizer, tx, ty))
     # Turns: TURN steps of one framework, then TURN of the other, after a rest (see PAUSE); the first
@@ -298,7 +317,7 @@ def bench(name, steps, warmup, profile, default_malloc):
     ours, theirs, paired, faults = [], [], [], [0, 0]
     rounds = warmup + -(-steps // (TURN - 1))
     for i in range(rounds):
-        ours_turn, faults_ours = take_turn(lambda: tinyllm_step(model, optimizer, x, y))
+        ours_turn, faults_ours = take_turn(lambda: tinyllm_step(x, y))
         if torch is not None:
             theirs_turn, faults_theirs = take_turn(lambda: torch_step(tmodel, toptimizer, tx, ty))
         if i < warmup:
@@ -324,7 +343,8 @@ def bench(name, steps, warmup, profile, default_malloc):
         paired = statistics.median(paired)
         print(f"ratio tinyllm/PyTorch: {m_ours / m_theirs:.3f} (of medians); {paired:.3f} (median of the "
               f"{len(theirs) // (TURN - 1)} rounds' ratios); {min(ours) / min(theirs):.3f} (of best steps)")
-        print(f"peak memory rise during steps: tinyllm {mem_ours['rise_mib']:.1f} MiB, PyTorch "
+        print(f"peak memory rise during steps: tinyllm {mem_ours['rise_mib']:.1f} MiB "
+              f"({mem_ours['processes']} process(es)), PyTorch "
               f"{mem_theirs['rise_mib']:.1f} MiB (ratio {mem_ours['rise_mib'] / mem_theirs['rise_mib']:.2f}); "
               f"RSS before steps: {mem_ours['before_mib']:.0f} vs {mem_theirs['before_mib']:.0f} MiB")
         result.update(torch_ms=m_theirs, ratio=m_ours / m_theirs, paired_ratio=paired,

@@ -6,8 +6,8 @@
 scripts/bench_cpu.py compares tinyllm with PyTorch; this compares a change with the code before it,
 which is how the per-change figures in docs/benchmarks.md are measured. Each version is unpacked
 from git (or the working tree is used as it is) and run in fresh processes, A then B then A ...:
-each process builds the benchmark model (scripts/bench_cpu.py's configs, weights and batch), takes
-warm-up steps, then times --steps steps. Alternating whole processes spreads the machine's slow
+each process builds the benchmark model (that version's own scripts/bench_cpu.py: configs, weights,
+batch, threads and step), takes warm-up steps, then times --steps steps. Alternating whole processes spreads the machine's slow
 spells over both versions; the ratio B/A is reported per round and as the median over the rounds.
 """
 import argparse
@@ -31,15 +31,19 @@ import bench_cpu
 backend.keep_freed_host_memory()
 cfg = bench_cpu.CONFIGS[{config!r}]
 model, optimizer = bench_cpu.build_tinyllm(cfg)
-bench_cpu.use_threads(cfg, None)
+plan = bench_cpu.use_threads(cfg, None)
+if hasattr(bench_cpu, "tinyllm_stepper"):      # the version's own way to take a step
+    step = bench_cpu.tinyllm_stepper(model, optimizer, plan[1])
+else:                                          # versions from before data parallelism
+    step = lambda x, y: bench_cpu.tinyllm_step(model, optimizer, x, y)
 x, y = bench_cpu.make_batch(cfg)
-loss = bench_cpu.tinyllm_step(model, optimizer, x, y)
+loss = step(x, y)
 for _ in range({warmup}):
-    bench_cpu.tinyllm_step(model, optimizer, x, y)
+    step(x, y)
 times = []
 for _ in range({steps}):
     t0 = time.perf_counter()
-    bench_cpu.tinyllm_step(model, optimizer, x, y)
+    step(x, y)
     times.append(time.perf_counter() - t0)
 print(json.dumps(dict(loss=loss, times=times)))
 """
@@ -61,7 +65,7 @@ def unpack(rev, into):
 
 
 def run_child(tree, args):
-    code = CHILD.format(tree=str(tree), scripts=str(ROOT / "scripts"), config=args.config,
+    code = CHILD.format(tree=str(tree), scripts=str(tree / "scripts"), config=args.config,
                         warmup=args.warmup, steps=args.steps)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])

@@ -101,10 +101,14 @@ def test_a_gpt_step_on_two_threads_matches_one(two_threads):
         np.testing.assert_allclose(grads2[name], grads1[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_default_thread_count_follows_the_layer_size():
-    assert threads.default_num_threads(8, 256, 384, cores=4) == 4      # "char": one activation is 786,432 numbers
-    assert threads.default_num_threads(12, 64, 128, cores=4) == 1      # "baby": 98,304
-    assert threads.default_num_threads(8, 256, 384, cores=1) == 1
+def test_default_plan_cuts_the_batch_over_processes_where_it_can(monkeypatch):
+    assert threads.default_plan(8, 256, 384, cores=4) == (4, "batch")      # "char"
+    assert threads.default_plan(12, 64, 128, cores=2) == (2, "batch")     # "baby"
+    assert threads.default_plan(3, 256, 384, cores=4) == (4, "layers")    # fewer rows than cores, big layers
+    assert threads.default_plan(2, 64, 128, cores=4) == (1, "layers")     # ... small ones: NumPy's BLAS alone
+    assert threads.default_plan(12, 64, 128, cores=1) == (1, "layers")
+    monkeypatch.delattr(threads.os, "fork")                               # no processes to fork
+    assert threads.default_plan(8, 256, 384, cores=4) == (4, "layers")
 
 
 def test_train_hands_the_threads_back(tmp_path):

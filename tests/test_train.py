@@ -56,11 +56,15 @@ def test_train_writes_logs_and_checkpoint(data_dir, tmp_path):
     assert "transformer.wte.weight" in weights and weights["transformer.wte.weight"].dtype == np.float32
 
 
-@pytest.mark.parametrize("threads", ["1", "2"])  # 2: the layers cut over tinyllm.threads (a fixed cut)
-def test_resume_is_bit_exact(data_dir, tmp_path, threads, monkeypatch):
+@pytest.mark.parametrize("threads, parallel, dropout", [
+    ("1", "layers", "0.1"),
+    ("2", "layers", "0.1"),    # the layers cut over tinyllm.threads (a fixed cut)
+    ("2", "batch", "0.1"),     # the batch cut over two processes (tinyllm.data_parallel), with dropout
+])
+def test_resume_is_bit_exact(data_dir, tmp_path, threads, parallel, dropout, monkeypatch):
     monkeypatch.setattr("tinyllm.threads.MIN_PARALLEL_SIZE", 0)  # cut even this tiny model's arrays
-    common = ["--max-iters", "8", "--lr-decay-iters", "8", "--eval-interval", "4", "--dropout", "0.1",
-              "--grad-accum", "2", "--threads", threads]
+    common = ["--max-iters", "8", "--lr-decay-iters", "8", "--eval-interval", "4", "--dropout", dropout,
+              "--grad-accum", "2", "--threads", threads, "--parallel", parallel]
     assert run(common, data_dir, tmp_path / "straight") == 0
     # the same run, stopped after step 4 and resumed
     first = [a if a != "8" or i != 1 else "4" for i, a in enumerate(common)]
@@ -189,3 +193,17 @@ def test_prepare_offline_is_one_clear_line(tmp_path, capsys, monkeypatch):
     assert cli_main(["prepare", "shakespeare_char", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--input" in err[0], err
+
+
+def test_parallel_option_errors_are_clear(data_dir, tmp_path, capsys):
+    assert run(["--parallel", "rows"], data_dir, tmp_path / "a") == 2
+    assert "--parallel must be auto, layers or batch" in capsys.readouterr().err
+
+
+def test_small_model_cuts_the_batch_by_default(data_dir, tmp_path, capsys):
+    if os.cpu_count() < 2:
+        pytest.skip("one core: nothing to cut")
+    assert run(["--max-iters", "2", "--eval-interval", "2"], data_dir, tmp_path / "run") == 0
+    assert "2 processes, the batch cut over them" in capsys.readouterr().out
+    state = json.loads((tmp_path / "run" / "ckpt" / "state.json").read_text())
+    assert state["config"]["parallel"] == "batch"

@@ -101,36 +101,29 @@ class AdamW:
 
     def step(self):
         """Update every parameter that has a gradient, in place."""
-        for index, p, group in self._indexed_params():
-            grad = p.grad
-            if grad is None:
-                continue
-            # Python floats: a numpy float64 scalar would promote float32 arrays to float64.
-            lr = float(group["lr"])
-            beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
-            eps = float(group["eps"])
-            weight_decay = float(group["weight_decay"])
+        update_all(self.updates())
 
+    def updates(self):
+        """[(data, grad, exp_avg, exp_avg_sq, hyperparameters)] for the parameters this step updates,
+        their states created or advanced by one step; `update_all` (or `update_stretch`) applies them.
+        (`step()` is the two together; tinyllm.data_parallel shares the second out over processes.)"""
+        updates = []
+        for index, p, group in self._indexed_params():
+            if p.grad is None:
+                continue
             xp = get_array_module(p.data)
             state = self.state.get(index)
             if state is None:
-                state = {
-                    "step": 0,
-                    "exp_avg": xp.zeros_like(p.data),
-                    "exp_avg_sq": xp.zeros_like(p.data),
-                }
+                state = {"step": 0, "exp_avg": xp.zeros_like(p.data), "exp_avg_sq": xp.zeros_like(p.data)}
                 self.state[index] = state
             state["step"] += 1
             t = state["step"]
-            m, v, data = state["exp_avg"], state["exp_avg_sq"], p.data
+            # Python floats: a numpy float64 scalar would promote float32 arrays to float64.
+            lr, eps, weight_decay = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+            beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
             hyper = (lr, beta1, beta2, eps, weight_decay, 1.0 - beta1**t, 1.0 - beta2**t)
-            if data.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous:
-                # elementwise, so any cut of the flat arrays works: one part per CPU thread
-                flat = [a.reshape(-1) for a in (data, grad, m, v)]
-                threads.parallel_for(data.size, lambda i, j: _adamw_update(*(a[i:j] for a in flat), *hyper), xp,
-                                     size=data.size)
-            else:
-                _adamw_update(data, grad, m, v, *hyper)
+            updates.append((p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], hyper))
+        return updates
 
     # ------------------------------------------------------------------ saving and restoring
 
@@ -280,6 +273,38 @@ def optimizer_state_from_flat(arrays, meta):
 # ----------------------------------------------------------------------------------------------
 # Gradient clipping
 # ----------------------------------------------------------------------------------------------
+
+
+def update_all(updates):
+    """Apply AdamW.updates(), the elements of all the parameters cut over the CPU threads.
+
+    The update is elementwise, so any cut works: the parameters are taken end to end as one run of
+    elements, and each thread updates one contiguous stretch of it (whole parameters, or pieces of
+    flattened ones), with one hand-over per step instead of one per parameter.
+    """
+    total = sum(data.size for data, *_ in updates)
+    if total:
+        threads.parallel_for(total, lambda i, j: update_stretch(updates, i, j), get_array_module(updates[0][0]),
+                             size=total)
+
+
+def update_stretch(updates, i, j):
+    """Apply the elements i .. j of AdamW.updates(), its parameters taken end to end.
+
+    A parameter whose arrays are not all contiguous is not cut: it is updated whole by the stretch
+    that holds its first element.
+    """
+    start = 0
+    for data, grad, m, v, hyper in updates:
+        stop = start + data.size
+        if start < j and stop > i:
+            arrays = (data, grad, m, v)
+            if all(a.flags.c_contiguous for a in arrays):
+                a, b = max(i, start) - start, min(j, stop) - start     # the piece of this parameter
+                _adamw_update(*(x.reshape(-1)[a:b] for x in arrays), *hyper)
+            elif start >= i:
+                _adamw_update(*arrays, *hyper)
+        start = stop
 
 
 def _adamw_update(data, grad, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2):

@@ -14,9 +14,11 @@ while after every call and take the core from any other thread (measured in docs
 
 With one thread (the default for `import tinyllm`) every `parallel_for` is a plain call on the
 calling thread: the NumPy of the textbook, easiest to step through in a debugger. `tinyllm train`
-uses every core for big models (its `--threads` option; see default_num_threads). CuPy arrays
+uses every core (its `--threads` and `--parallel` options; see default_plan), and usually cuts the
+batch over processes rather than the layers over threads (tinyllm.data_parallel). CuPy arrays
 never go through the threads: a GPU is parallel already.
 """
+import contextlib
 import ctypes
 import os
 import threading
@@ -31,21 +33,31 @@ _inside = threading.local()   # .busy is True while a thread runs a part (parts 
 
 
 # A thread that sleeps between parts takes tens of microseconds to wake (more in a virtual machine),
-# so cutting pays off only for big layers. `tinyllm train` uses every core once one (B, T, C)
-# activation holds this many numbers, and one thread (with NumPy's own threaded BLAS) below it:
-# measured on 2 cores (scripts/bench_cpu.py, BENCH_TINYLLM_THREADS=1 or 2), a training step of the
-# "char" config (B·T·C = 786,432) took 0.93 s on tinyllm's threads against 1.11 s on one, and the
-# "baby" one (98,304) 47.8 ms against 42.8 ms.
+# so cutting a layer's rows over threads pays off only for big layers: once one (B, T, C)
+# activation holds this many numbers. Measured on 2 cores (scripts/bench_cpu.py), a training step
+# of the "char" config (B·T·C = 786,432) took 0.93 s with its layers cut against 1.11 s on one
+# thread, and the "baby" one (98,304) 47.8 ms with its layers cut against 42.8 ms on one thread.
+# Cutting the batch over processes beats both (default_plan; docs/benchmarks.md).
 MIN_ACTIVATION_SIZE = 1 << 18
 # Below this many elements an op is not cut at all (a layer norm's weight in AdamW, for one): handing
 # a part to a worker costs about 25 us, about what a few passes over 2^16 float32 numbers take.
 MIN_PARALLEL_SIZE = 1 << 16
 
 
-def default_num_threads(batch_size, block_size, n_embd, cores=None):
-    """The thread count `tinyllm train` picks by default: every core for big layers, else 1."""
+def default_plan(batch_size, block_size, n_embd, cores=None):
+    """(threads, cut) as `tinyllm train` picks them: how many cores, and what they cut.
+
+    "batch": each core runs forward and backward on its own rows of the batch, in a process of its
+    own (tinyllm.data_parallel: two hand-overs per step, no interpreter lock shared). That needs a
+    row for each core and `os.fork`. Otherwise "layers": every core for big layers, each layer's
+    rows cut over threads; for small ones, one thread (NumPy's BLAS uses the cores on its own).
+    """
     cores = cores or os.cpu_count() or 1
-    return cores if batch_size * block_size * n_embd >= MIN_ACTIVATION_SIZE else 1
+    if cores >= 2 and batch_size >= cores and hasattr(os, "fork"):
+        return cores, "batch"
+    if batch_size * block_size * n_embd >= MIN_ACTIVATION_SIZE:
+        return cores, "layers"
+    return 1, "layers"
 
 
 def get_num_threads():
@@ -102,6 +114,18 @@ def parallel_for(n, body, xp=numpy, size=None):
     later = [_workers.submit(_run_part, body, bounds[i], bounds[i + 1]) for i in range(1, k)]
     first = _run_part(body, bounds[0], bounds[1])
     return [first] + [part.result() for part in later]
+
+
+@contextlib.contextmanager
+def serial():
+    """`with threads.serial():` every parallel_for inside runs on the calling thread alone (other
+    cores are busy: tinyllm.data_parallel's worker processes run there)."""
+    before = getattr(_inside, "busy", False)
+    _inside.busy = True
+    try:
+        yield
+    finally:
+        _inside.busy = before
 
 
 def _run_part(body, start, stop):

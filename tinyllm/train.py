@@ -20,13 +20,14 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy
 
 from tinyllm import backend, rng, threads
 from tinyllm.autograd import no_grad
+from tinyllm.data_parallel import DataParallel
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
 
@@ -40,7 +41,8 @@ class TrainConfig:
     seed: int = 1337
     device: str = "cpu"
     dtype: str = "float32"
-    threads: int = 0                 # CPU threads for the heavy layers (tinyllm.threads); 0: chosen by size
+    threads: int = 0                 # CPU cores to use (tinyllm.threads); 0: chosen by size and batch
+    parallel: str = "auto"           # what they cut: the "batch" (processes), "layers" (threads), or "auto"
     # model (GPTConfig fields)
     n_layer: int = 4
     n_head: int = 4
@@ -79,6 +81,8 @@ class TrainConfig:
                              "(bfloat16/float16 with float32 master weights) is not implemented yet")
         if self.threads < 0:
             raise ValueError(f"--threads must be 0 (chosen by model size) or more, got {self.threads}")
+        if self.parallel not in ("auto", "layers", "batch"):
+            raise ValueError(f"--parallel must be auto, layers or batch, got {self.parallel!r}")
         if self.lr_decay_iters is None:
             self.lr_decay_iters = self.max_iters
         if self.ckpt_interval is None:
@@ -209,6 +213,8 @@ class Trainer:
         self.data_dir = data_dir
         self.model = build_model(cfg, self.meta["vocab_size"])
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
+        # "batch": each CPU core's process runs forward and backward on its own rows of each batch
+        self.data_parallel = DataParallel(self.model) if cfg.parallel == "batch" else None
         B, T = cfg.batch_size, cfg.block_size
         self.loaders = {  # training batches, and separate generators for evaluation
             "train": BatchLoader(data_dir, "train", B, T, seed=cfg.seed),
@@ -305,9 +311,13 @@ class Trainer:
         loss_sum = 0.0
         for _ in range(cfg.grad_accum):
             x, y = self._batch(self.loaders["train"])
-            _, loss = self.model(x, y)
-            (loss / cfg.grad_accum).backward()  # gradients of the mean over micro-batches
-            loss_sum += loss.data               # stays on the device: no sync here
+            if self.data_parallel is not None:
+                loss = self.data_parallel.forward_backward(x, y, scale=1.0 / cfg.grad_accum)
+            else:
+                _, loss = self.model(x, y)
+                (loss / cfg.grad_accum).backward()  # gradients of the mean over micro-batches
+                loss = loss.data
+            loss_sum += loss                    # stays on the device: no sync here
         params = self.model.parameters()
         if cfg.grad_clip > 0:
             grad_norm = clip_grad_norm_(params, cfg.grad_clip)
@@ -316,7 +326,10 @@ class Trainer:
         loss_value = float(loss_sum) / cfg.grad_accum
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
-            self.optimizer.step()
+            if self.data_parallel is not None:
+                self.data_parallel.step(self.optimizer)    # AdamW's update shared out over the processes
+            else:
+                self.optimizer.step()
             self.bad_steps = 0
         else:
             self.bad_steps += 1
@@ -331,8 +344,10 @@ class Trainer:
         start_time = time.perf_counter()
         start_step = self.step
         window_time, window_steps = time.perf_counter(), 0
-        where = (f"{cfg.device}, {threads.get_num_threads()} thread(s)" if backend.check_device(cfg.device) == "cpu"
-                 else cfg.device)
+        n = threads.get_num_threads()
+        cut = (f"{n} processes, the batch cut over them" if self.data_parallel is not None and n > 1 else
+               f"{n} thread(s)")
+        where = f"{cfg.device}, {cut}" if backend.check_device(cfg.device) == "cpu" else cfg.device
         self.log(f"model: {self.model.num_parameters():,} parameters on {where}; data: {self.data_dir} "
                  f"(vocab {self.meta['vocab_size']}); {cfg.max_iters} steps of {tokens_per_step} tokens")
         previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
@@ -374,6 +389,8 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, previous_handler)
             metrics.close()
+            if self.data_parallel is not None:
+                self.data_parallel.close()             # the worker processes end with the run
         return 0
 
     def _on_interrupt(self, signum, frame):
@@ -430,8 +447,12 @@ def main(argv=None):
         backend.keep_freed_host_memory()  # reuse activation memory step after step (see its docstring)
         on_cpu = backend.check_device(cfg.device) == "cpu"
         if on_cpu:
-            threads.set_num_threads(cfg.threads or threads.default_num_threads(
-                cfg.batch_size, cfg.block_size, cfg.n_embd))
+            n, cut = threads.default_plan(cfg.batch_size, cfg.block_size, cfg.n_embd, cfg.threads or None)
+            threads.set_num_threads(cfg.threads or n)
+            if cfg.parallel == "auto":
+                cfg = replace(cfg, parallel=cut)
+        elif cfg.parallel == "batch":
+            raise ValueError("--parallel batch cuts the batch over CPU processes; on a GPU leave it at auto")
         trainer = Trainer(cfg)
         code = trainer.run()
         if code == 0 and cfg.sample_tokens > 0:

@@ -1,0 +1,402 @@
+"""Data parallelism on CPU cores: the batch cut over processes, each running the whole model.
+
+`tinyllm.threads` can cut every layer's rows over threads. Threads of one Python process share one
+interpreter lock, though, and the work changes hands a few times per layer: on a small model, whose
+NumPy calls take microseconds, the threads spend much of a step waiting for each other. Cutting
+the batch over processes hands work over twice per step, and the processes share nothing but
+memory:
+
+- the weights live in a block of shared memory, and the model's Parameters are views into it;
+- `DataParallel(model)` forks n − 1 workers (n = tinyllm.threads.get_num_threads()), each with a
+  copy of the model over those same weights;
+- `forward_backward`: each worker reads its rows of the batch from a pipe, runs forward and
+  backward, and writes its gradients into shared memory of its own; meanwhile this process runs
+  the first rows, then adds every part's gradients into a shared block of totals, which become
+  the Parameters' `.grad`;
+- `step(optimizer)`: AdamW's update is elementwise, so each process updates one stretch of the
+  parameters (taken end to end), with the moments in shared memory too.
+
+The loss is a mean over the targets that count (those not equal to ignore_index), so part r, with
+c_r of the batch's c counted targets, weighs c_r / c:
+
+    loss = Σ_r (c_r / c) · loss_r        dloss/dθ = Σ_r (c_r / c) · dloss_r/dθ
+
+and each part's backward starts from c_r / c (times `scale`, e.g. 1 / grad_accum). The result is
+the whole batch's loss and gradient, up to the order of float additions; each part runs the same
+rows every time, so a run is repeatable and resumes bit-exactly.
+
+Dropout: a worker draws its masks from a generator seeded, for each call, from this process's
+generator (tinyllm.rng), so a run with dropout is repeatable too, though its masks differ from a
+one-process run's.
+
+Nothing is pickled: a command is a fixed binary header and raw numbers, a result a fixed header
+and, after an error, its message. Systems with `os.fork` only (Linux, macOS).
+"""
+import mmap
+import os
+import signal
+import struct
+import weakref
+
+import numpy
+
+from tinyllm import rng, threads
+from tinyllm.autograd import Tensor
+from tinyllm.nn.layers import Dropout
+from tinyllm.optim import AdamW, update_all, update_stretch
+
+__all__ = ["DataParallel"]
+
+IGNORE_INDEX = -100                  # F.cross_entropy's default, which GPT.forward uses
+_FORWARD_BACKWARD, _UPDATE = 0, 1    # what a command asks of a worker
+# call number, kind, then for _FORWARD_BACKWARD: rows, positions per row, loss weight, dropout seed
+# (−1: none); for _UPDATE: parameters in the plan, first and last element of the stretch, 0.0, 0
+_COMMAND = struct.Struct("<qqqqqdq")
+_RESULT = struct.Struct("<qdBI")     # call number, loss, failed (0/1), length of the message after it
+_PLAN_COLUMNS = 8                    # an _UPDATE plan row: parameter number, then AdamW's 7 hyperparameters
+# the main process's ends of every worker's pipes: a worker forked later closes them, so that each
+# worker sees its command pipe close when the main process closes it
+_main_ends = set()
+_ERRORS = {e.__name__: e for e in (ValueError, IndexError, TypeError, MemoryError, FloatingPointError)}
+
+
+class DataParallel:
+    """model(idx, targets)'s loss and gradients, and AdamW's step, shared out over
+    tinyllm.threads.get_num_threads() processes (plain calls with one).
+
+        data_parallel = DataParallel(model)
+        loss = data_parallel.forward_backward(x, y)    # the mean loss; gradients in each p.grad
+        data_parallel.step(optimizer)                  # optimizer.step(), shared out for an AdamW
+
+    The model's Parameter objects must stay the ones it had here; their arrays may be replaced (as
+    `load_state_dict` does): the next call copies them into the shared memory. `close()` (or leaving
+    a `with` block, or the end of the process) stops the workers.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.params = model.parameters()
+        self.has_dropout = any(isinstance(m, Dropout) and m.p > 0 for _, m in model.named_modules())
+        self._calls = 0
+        self._workers = []
+        n = threads.get_num_threads()
+        if n == 1:
+            return
+        if not hasattr(os, "fork"):
+            raise RuntimeError("data parallelism forks worker processes, which this system cannot do; "
+                               "cut the layers over the threads instead (tinyllm train --parallel layers)")
+        dtypes = {p.dtype for p in self.params}
+        if any(not isinstance(p.data, numpy.ndarray) for p in self.params) or len(dtypes) != 1:
+            raise TypeError("data parallelism needs every parameter in one NumPy array dtype (CPU), got "
+                            f"{sorted(str(d) for d in dtypes)}; on a GPU leave --parallel at auto")
+        shared = lambda: _SharedArrays([p.shape for p in self.params], *dtypes)   # noqa: E731
+        self.weights, self.totals, self.moments = shared(), shared(), (shared(), shared())
+        self.weights.adopt(self.params, "data")             # the Parameters become views of shared memory
+        self._number = {id(a): i for i, a in enumerate(self.weights.arrays)}
+        for _ in range(n - 1):
+            self._workers.append(_Worker.start(self, shared()))
+        self._finalizer = weakref.finalize(self, _stop, self._workers)
+
+    @property
+    def worker_pids(self):
+        return [w.pid for w in self._workers]
+
+    # --- forward and backward -------------------------------------------------------------------
+    def forward_backward(self, idx, targets, scale=1.0):
+        """The mean loss over the batch (a 0-d array); its gradient times `scale` is added into the
+        model's `.grad`, as `(loss * scale).backward()` would."""
+        idx, targets = _ids(idx, "idx"), _ids(targets, "targets")
+        if idx.ndim != 2 or targets.shape != idx.shape:
+            raise ValueError(f"forward_backward takes idx and targets of one shape (B, T), got {idx.shape} "
+                             f"and {targets.shape}")
+        dtype = self.params[0].dtype
+        N = len(idx)
+        k = min(len(self._workers) + 1, N)
+        cut = [N * r // k for r in range(k + 1)]                       # part r: rows cut[r] .. cut[r + 1]
+        counted = (targets != IGNORE_INDEX).sum(axis=1)                 # (N,) targets that count, per row
+        c = [int(counted[cut[r]:cut[r + 1]].sum()) for r in range(k)]
+        if k == 1 or sum(c) == 0:          # one part, or nothing counts (the loss is nan, the gradient 0)
+            return numpy.asarray(_part(self.model, idx, targets, scale), dtype=dtype)
+        weights = [c_r / sum(c) for c_r in c]
+        self.weights.adopt(self.params, "data")          # arrays replaced since (load_state_dict) come back
+        self._calls += 1
+        busy, losses = [], []
+        try:
+            for r, worker in enumerate(self._workers[:k - 1], start=1):
+                if weights[r] > 0:                 # a part without a counted target adds nothing
+                    seed = int(rng.host().integers(2**62)) if self.has_dropout else -1
+                    rows = slice(cut[r], cut[r + 1])
+                    worker.send(_COMMAND.pack(self._calls, _FORWARD_BACKWARD, *idx[rows].shape, 0,
+                                              weights[r] * scale, seed), idx[rows], targets[rows])
+                    busy.append((worker, weights[r]))
+            if weights[0] > 0:
+                with threads.serial():            # the other cores are the workers'
+                    losses.append(weights[0] * _part(self.model, idx[:cut[1]], targets[:cut[1]], weights[0] * scale))
+        finally:
+            results = [worker.receive(self._calls) for worker, _ in busy]   # always, even after an error here
+        self._add_up([worker.grads for worker, _ in busy])
+        losses += [weight * loss for (_, weight), loss in zip(busy, results)]
+        return numpy.asarray(sum(losses), dtype=dtype)
+
+    def _add_up(self, parts):
+        """p.grad = this process's gradient + each part's, written into the shared totals."""
+        for i, (p, total) in enumerate(zip(self.params, self.totals.arrays)):
+            given = [part.arrays[i] for part in parts if part.given[i]]
+            if p.grad is None and not given:
+                continue
+            if p.grad is None:
+                _copy(total, given.pop())
+            elif p.grad is not total:                      # this process's own gradient, new this step
+                _add(total, p.grad, given.pop()) if given else _copy(total, p.grad)
+            for g in given:
+                _add(total, total, g)
+            p.grad = total
+
+    # --- the optimizer's step ---------------------------------------------------------------------
+    def step(self, optimizer):
+        """optimizer.step(); for an AdamW over this model's parameters, each process updates its
+        stretch of them (see tinyllm.optim.update_stretch)."""
+        if not self._workers or not isinstance(optimizer, AdamW):
+            return optimizer.step()
+        updates = optimizer.updates()                       # states created and advanced here, in this process
+        plan = []                                           # (parameter number, hyperparameters) in update order
+        for data, grad, _, _, hyper in updates:
+            i = self._number.get(id(data))
+            if i is None or grad is not self.totals.arrays[i]:
+                return update_all(updates)                  # not all shared memory: update them here
+            plan.append((i,) + hyper)
+        self._share_moments(optimizer)
+        total = sum(self.params[i].size for i, *_ in plan)
+        k = len(self._workers) + 1
+        cut = [total * r // k for r in range(k + 1)]        # process r updates the elements cut[r] .. cut[r + 1]
+        plan = numpy.array(plan, dtype=numpy.float64)
+        self._calls += 1
+        busy = []
+        try:
+            for r, worker in enumerate(self._workers, start=1):
+                worker.send(_COMMAND.pack(self._calls, _UPDATE, len(plan), cut[r], cut[r + 1], 0.0, 0), plan)
+                busy.append(worker)
+            with threads.serial():
+                update_stretch(self._updates(plan), cut[0], cut[1])
+        finally:
+            for worker in busy:                             # always, even after an error here
+                worker.receive(self._calls)
+
+    def _share_moments(self, optimizer):
+        """Move the optimizer's moments of this model's parameters into shared memory (once; again
+        after load_state_dict replaced them)."""
+        index = 0                                           # AdamW numbers its states in group order
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state, i = optimizer.state.get(index), self._number.get(id(p.data))
+                if state is not None and i is not None:
+                    for name, block in zip(("exp_avg", "exp_avg_sq"), self.moments):
+                        if state[name] is not block.arrays[i]:
+                            block.arrays[i][...] = state[name]
+                            state[name] = block.arrays[i]
+                index += 1
+
+    def _updates(self, plan):
+        """AdamW.updates() rebuilt from a plan, over this process's views of the shared arrays."""
+        m, v = self.moments
+        rows = [(int(row[0]), tuple(row[1:])) for row in plan.tolist()]    # Python floats, as AdamW's
+        return [(self.weights.arrays[i], self.totals.arrays[i], m.arrays[i], v.arrays[i], hyper) for i, hyper in rows]
+
+    # --- the workers ------------------------------------------------------------------------------
+    def close(self):
+        """Stop the workers (they also stop when this process ends)."""
+        if self._workers:
+            self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _part(model, idx, targets, grad_weight):
+    """The mean loss over these rows, as a float; d(grad_weight · loss)/dθ is added into the model's .grad."""
+    _, loss = model(idx, targets)
+    loss.backward(grad_weight)
+    return float(loss.data)
+
+
+def _ids(a, what):
+    """Token ids as a host int64 array (from a Tensor, an array or a list)."""
+    a = a.data if isinstance(a, Tensor) else a
+    if not isinstance(a, (numpy.ndarray, list, tuple)):
+        raise TypeError(f"data parallelism takes {what} as a NumPy integer array (CPU), got {type(a).__name__}")
+    a = numpy.asarray(a)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{what} must hold integers, got dtype {a.dtype}")
+    return a.astype(numpy.int64, copy=False)
+
+
+def _shared_block(nbytes):
+    """Zeroed memory that this process and the processes it forks later share (an anonymous shared
+    mmap: after a fork both see the same pages, where ordinary memory would be copied on write)."""
+    return mmap.mmap(-1, max(nbytes, 1))
+
+
+class _SharedArrays:
+    """One array per parameter shape, end to end in one shared block (each on a cache line), and a
+    flag per array (`given`: a worker's part gave that parameter a gradient)."""
+
+    def __init__(self, shapes, dtype):
+        align = 64 // dtype.itemsize
+        sizes = [int(numpy.prod(shape)) for shape in shapes]
+        starts = numpy.cumsum([0] + [-(-size // align) * align for size in sizes])
+        block = numpy.frombuffer(_shared_block(int(starts[-1]) * dtype.itemsize), dtype=dtype)
+        self.arrays = [block[s:s + size].reshape(shape) for s, size, shape in zip(starts, sizes, shapes)]
+        self.given = numpy.frombuffer(_shared_block(len(shapes)), dtype=numpy.uint8)
+
+    def adopt(self, params, attribute):
+        """Copy each parameter's array in, and make the shared one its .data (or .grad)."""
+        for p, shared in zip(params, self.arrays):
+            current = getattr(p, attribute)
+            if current is not shared:
+                if not isinstance(current, numpy.ndarray) or current.shape != shared.shape:
+                    raise ValueError(f"a parameter of shape {shared.shape} was given {type(current).__name__} "
+                                     f"{getattr(current, 'shape', '')}: data parallelism needs host arrays of the "
+                                     "shapes the model had when it started")
+                shared[...] = current
+                setattr(p, attribute, shared)
+
+
+def _copy(out, a):
+    """out[...] = a, the flat arrays cut over the CPU threads."""
+    _flat_parts(lambda o, x: numpy.copyto(o, x), out, a)
+
+
+def _add(out, a, b):
+    """out = a + b, the flat arrays cut over the CPU threads (the workers are idle meanwhile)."""
+    _flat_parts(lambda o, x, y: numpy.add(x, y, out=o), out, a, b)
+
+
+def _flat_parts(kernel, out, *arrays):
+    if not all(x.flags.c_contiguous for x in (out, *arrays)):
+        return kernel(out, *arrays)
+    flat_out, flat = out.reshape(-1), [x.reshape(-1) for x in arrays]
+    threads.parallel_for(out.size, lambda i, j: kernel(flat_out[i:j], *(x[i:j] for x in flat)), size=out.size)
+
+
+class _Worker:
+    """One forked worker process, this process's ends of its two pipes, and its gradient arrays."""
+
+    def __init__(self, pid, commands, results, grads):
+        self.pid, self.commands, self.results, self.grads = pid, commands, results, grads
+
+    @classmethod
+    def start(cls, data_parallel, grads):
+        """Fork a worker that serves data_parallel's model, its gradients written into grads."""
+        command_read, command_write = os.pipe()
+        result_read, result_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                   # the worker: serve until the main process goes
+            code = 1
+            try:
+                os.close(command_write)
+                os.close(result_read)
+                for fd in _main_ends:                  # other workers' pipes: those must close when the main
+                    os.close(fd)                       # process closes them
+                signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is for the main process to handle
+                _serve(data_parallel, grads, command_read, result_write)
+                code = 0
+            finally:
+                os._exit(code)                         # never return into the main process's code
+        os.close(command_read)
+        os.close(result_write)
+        _main_ends.update((command_write, result_read))
+        return cls(pid, command_write, result_read, grads)
+
+    def send(self, header, *arrays):
+        try:
+            _write(self.commands, header + b"".join(a.tobytes() for a in arrays))
+        except BrokenPipeError:
+            raise self._died() from None
+
+    def receive(self, call):
+        """The loss the worker sends back for this call (a float); raises the worker's error, if any."""
+        while True:
+            head = _read(self.results, _RESULT.size)
+            if head is None:
+                raise self._died()
+            done, loss, failed, length = _RESULT.unpack(head)
+            message = _read(self.results, length).decode("utf-8") if length else ""
+            if done == call:                           # older results were left by an interrupted call
+                break
+        if failed:
+            name, _, text = message.partition(": ")
+            raise _ERRORS.get(name, RuntimeError)(f"in data-parallel worker process {self.pid}: {text or name}")
+        return loss
+
+    def _died(self):
+        return RuntimeError(f"data-parallel worker process {self.pid} died (out of memory?); run on one core "
+                            "(--threads 1) or cut the layers instead (--parallel layers)")
+
+
+def _serve(data_parallel, grads, commands, results):
+    """A worker's loop: a command in, its work done, a result out, until the command pipe closes."""
+    model, params = data_parallel.model, data_parallel.params
+    while True:
+        head = _read(commands, _COMMAND.size)
+        if head is None:                               # the main process closed the pipe, or ended
+            return
+        call, kind, a, b, c, grad_weight, seed = _COMMAND.unpack(head)
+        payload = _read(commands, 2 * a * b * 8 if kind == _FORWARD_BACKWARD else a * _PLAN_COLUMNS * 8)
+        if payload is None:
+            return
+        loss = 0.0
+        try:
+            if kind == _FORWARD_BACKWARD:              # a rows of b positions: ids, then targets
+                ids = numpy.frombuffer(payload, dtype=numpy.int64).reshape(2, a, b)
+                if seed >= 0:
+                    rng.manual_seed(seed)              # this call's dropout masks
+                loss = _part(model, ids[0], ids[1], grad_weight)
+                for i, (p, g) in enumerate(zip(params, grads.arrays)):
+                    grads.given[i] = p.grad is not None
+                    if p.grad is not None:
+                        numpy.copyto(g, p.grad)
+                        p.grad = None
+            else:                                      # the elements b .. c of the plan's a parameters
+                plan = numpy.frombuffer(payload, dtype=numpy.float64).reshape(a, _PLAN_COLUMNS)
+                update_stretch(data_parallel._updates(plan), b, c)
+            _write(results, _RESULT.pack(call, loss, 0, 0))
+        except Exception as e:                         # reported to the main process, which raises it
+            for p in params:
+                p.grad = None
+            message = f"{type(e).__name__}: {e}".encode("utf-8")
+            _write(results, _RESULT.pack(call, numpy.nan, 1, len(message)) + message)
+
+
+def _read(fd, n):
+    """Exactly n bytes from a pipe, or None when it closed first."""
+    chunks = []
+    while n:
+        chunk = os.read(fd, n)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _write(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _stop(workers):
+    """Close the pipes (each worker then ends) and wait for the workers."""
+    for worker in workers:
+        for fd in (worker.commands, worker.results):
+            os.close(fd)
+            _main_ends.discard(fd)
+    for worker in workers:
+        try:
+            os.waitpid(worker.pid, 0)
+        except ChildProcessError:                      # already reaped
+            pass
+    workers.clear()
