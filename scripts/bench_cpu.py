@@ -7,10 +7,11 @@ Both models get tinyllm's exact initial weights, the same batch, float32, dropou
 number of threads; the first step's losses must agree (proof that the same computation is timed).
 Timing alternates A/B turns after a warm-up (see PAUSE and TURN) and reports medians and the ratio
 tinyllm/PyTorch. Threads: BENCH_THREADS for both (default: every core); tinyllm picks how to use
-them as `tinyllm train` does (tinyllm.threads.default_plan: how many, and whether they cut each layer
-or the batch) unless BENCH_TINYLLM_THREADS or BENCH_TINYLLM_PARALLEL ("layers" or "batch") is set.
+them as `tinyllm train` does (tinyllm.threads.default_plan: how many, and whether they cut the batch
+over processes or each layer over threads) unless BENCH_TINYLLM_THREADS or BENCH_TINYLLM_PARALLEL ("layers" or "batch") is set.
 Peak memory is measured in fresh subprocesses (one per framework): the rise of the peak resident
-set size during the steps over the resident size just before them (weights and batch built).
+set size during the steps over the resident size just before them (weights and batch built); with
+tinyllm's worker processes, the rise of their summed proportional set sizes (see memory_child).
 """
 import argparse
 import json
@@ -67,11 +68,11 @@ def build_tinyllm(cfg, seed=0):
 
 
 def use_threads(cfg, cores):
-    """tinyllm's CPU threads as `tinyllm train` picks them (tinyllm.threads.default_plan; dropout 0):
-    (thread count, what they cut: "layers" or "batch"). BENCH_TINYLLM_THREADS forces the count,
-    BENCH_TINYLLM_PARALLEL the cut."""
+    """tinyllm's CPU cores as `tinyllm train` picks them (tinyllm.threads.default_plan): (count, what
+    they cut: "batch", over processes, or "layers", over threads). BENCH_TINYLLM_THREADS forces the
+    count, BENCH_TINYLLM_PARALLEL the cut."""
     from tinyllm import threads
-    n, cut = threads.default_plan(cfg["batch_size"], cfg["block_size"], cfg["n_embd"], 0.0, cores)
+    n, cut = threads.default_plan(cfg["batch_size"], cfg["block_size"], cfg["n_embd"], cores)
     n = threads.set_num_threads(int(os.environ.get("BENCH_TINYLLM_THREADS", 0)) or n)
     return n, os.environ.get("BENCH_TINYLLM_PARALLEL", cut)
 
@@ -195,15 +196,29 @@ def memory_child(framework, name, steps):
         step = tinyllm_stepper(model, optimizer, cut)
     import gc
     gc.collect()
-    # tinyllm's worker processes (data parallelism) count too: each one's rise over its own RSS before
-    # the steps, added up (pages the processes share count once per process: an overestimate)
+    # tinyllm's worker processes (data parallelism) count too. Their memory is told apart from the main
+    # process's by the proportional set size (PSS: a page that k processes share counts 1/k in each);
+    # summing each process's own rise of peak RSS instead would count every shared page once per process.
     pids = ["self"] + [str(pid) for pid in getattr(step, "worker_pids", [])]
-    before = [_status_mib(pid, "VmRSS") for pid in pids]
+    rss, pss = [_status_mib(pid, "VmRSS") for pid in pids], [_pss_mib(pid) for pid in pids]
     for _ in range(steps):
         step(x, y)
-    peak = [_status_mib(pid, "VmHWM") for pid in pids]
-    rise = sum(p - b for p, b in zip(peak, before))
-    print(json.dumps({"before_mib": before[0], "peak_mib": peak[0], "rise_mib": rise, "processes": len(pids)}))
+    peak, rss_after = [_status_mib(pid, "VmHWM") for pid in pids], [_status_mib(pid, "VmRSS") for pid in pids]
+    result = {"before_mib": rss[0], "peak_mib": peak[0], "processes": len(pids),
+              "rss_sum_rise_mib": sum(p - b for p, b in zip(peak, rss))}
+    if len(pids) == 1:
+        result["rise_mib"] = peak[0] - rss[0]
+    elif all(p - r < 1.0 for p, r in zip(peak, rss_after)):
+        # no process gave memory back (each one's RSS is still at its peak), so the PSS now is the peak
+        result["rise_mib"] = sum(_pss_mib(pid) for pid in pids) - sum(pss)
+    else:
+        result["rise_mib"] = result["rss_sum_rise_mib"]      # peaks at different times: the overestimate
+    print(json.dumps(result))
+
+
+def _pss_mib(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return int(next(line for line in f if line.startswith("Pss:")).split()[1]) / 1024
 
 
 def _status_mib(pid, field):
@@ -334,7 +349,8 @@ def bench(name, steps, warmup, profile, default_malloc):
     print(f"tinyllm  step: median {m_ours:8.2f} ms  ({tokens / m_ours * 1e3:,.0f} tok/s, "
           f"{faults[0] // steps:,} page faults)")
     mem_ours = measure_memory("tinyllm", name, default_malloc)
-    result = {"config": name, "tinyllm_ms": m_ours, "tinyllm_peak_rise_mib": mem_ours["rise_mib"]}
+    result = {"config": name, "tinyllm_ms": m_ours, "tinyllm_peak_rise_mib": mem_ours["rise_mib"],
+              "tinyllm_rss_sum_rise_mib": mem_ours["rss_sum_rise_mib"]}
     if torch is not None:
         m_theirs = statistics.median(theirs) * 1e3
         mem_theirs = measure_memory("torch", name, default_malloc)
@@ -343,8 +359,9 @@ def bench(name, steps, warmup, profile, default_malloc):
         paired = statistics.median(paired)
         print(f"ratio tinyllm/PyTorch: {m_ours / m_theirs:.3f} (of medians); {paired:.3f} (median of the "
               f"{len(theirs) // (TURN - 1)} rounds' ratios); {min(ours) / min(theirs):.3f} (of best steps)")
-        print(f"peak memory rise during steps: tinyllm {mem_ours['rise_mib']:.1f} MiB "
-              f"({mem_ours['processes']} process(es)), PyTorch "
+        shared = (f" in {mem_ours['processes']} processes by PSS; {mem_ours['rss_sum_rise_mib']:.1f} MiB counting "
+                  "shared pages in each" if mem_ours["processes"] > 1 else "")
+        print(f"peak memory rise during steps: tinyllm {mem_ours['rise_mib']:.1f} MiB{shared}, PyTorch "
               f"{mem_theirs['rise_mib']:.1f} MiB (ratio {mem_ours['rise_mib'] / mem_theirs['rise_mib']:.2f}); "
               f"RSS before steps: {mem_ours['before_mib']:.0f} vs {mem_theirs['before_mib']:.0f} MiB")
         result.update(torch_ms=m_theirs, ratio=m_ours / m_theirs, paired_ratio=paired,
