@@ -294,17 +294,25 @@ def update_stretch(updates, i, j):
     A parameter whose arrays are not all contiguous is not cut: it is updated whole by the stretch
     that holds its first element.
     """
-    start = 0
-    for data, grad, m, v, hyper in updates:
-        stop = start + data.size
+    for n, a, b in stretch_pieces([data.size for data, *_ in updates], i, j):
+        data, grad, m, v, hyper = updates[n]
+        arrays = (data, grad, m, v)
+        if all(x.flags.c_contiguous for x in arrays):
+            _adamw_update(*(x.reshape(-1)[a:b] for x in arrays), *hyper)
+        elif a == 0:
+            _adamw_update(*arrays, *hyper)
+
+
+def stretch_pieces(sizes, i, j):
+    """[(n, a, b)]: arrays of these sizes taken end to end, the elements i .. j of them are the
+    elements a .. b of array n, for each array n they reach into."""
+    pieces, start = [], 0
+    for n, size in enumerate(sizes):
+        stop = start + size
         if start < j and stop > i:
-            arrays = (data, grad, m, v)
-            if all(a.flags.c_contiguous for a in arrays):
-                a, b = max(i, start) - start, min(j, stop) - start     # the piece of this parameter
-                _adamw_update(*(x.reshape(-1)[a:b] for x in arrays), *hyper)
-            elif start >= i:
-                _adamw_update(*arrays, *hyper)
+            pieces.append((n, max(i, start) - start, min(j, stop) - start))
         start = stop
+    return pieces
 
 
 def _adamw_update(data, grad, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2):
@@ -323,19 +331,19 @@ def _adamw_update(data, grad, m, v, lr, beta1, beta2, eps, weight_decay, bias_co
 
     # v ← β2·v + (1 − β2)·g²
     v *= beta2
-    xp.multiply(grad, grad, out=scratch)
+    xp.square(grad, out=scratch)
     scratch *= 1.0 - beta2
     v += scratch
 
-    # denominator: √v / √(1 − β2ᵗ) + eps
+    # p ← p − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + eps); with c = √(1 − β2ᵗ) that is
+    # p ← p − (lr·c / (1 − β1ᵗ)) · m / (√v + eps·c): the same number, one pass fewer
+    c = math.sqrt(bias_correction2)
     xp.sqrt(v, out=scratch)
-    scratch /= math.sqrt(bias_correction2)
-    scratch += eps
-
-    # p ← p − (lr / (1 − β1ᵗ)) · m / denominator
+    scratch += eps * c
     xp.divide(m, scratch, out=scratch)
-    scratch *= lr / bias_correction1
+    scratch *= lr * c / bias_correction1
     data -= scratch
+
 
 def clip_grad_norm_(params, max_norm):
     """Scale all gradients in place so that their global L2 norm is at most ``max_norm``.

@@ -319,7 +319,7 @@ class GELU(Function):
 def _gelu_forward(y, x, s):
     """y = 0.5·x·(1 + tanh u), written into y; s = 1 + tanh u into s."""
     xp = get_array_module(x)
-    th = _gelu_tanh(x, xp.multiply(x, x, out=s), out=s)   # tanh(u), in place of x²
+    th = _gelu_tanh(x, xp.square(x, out=s), out=s)       # tanh(u), in place of x²
     th += 1.0
     xp.multiply(th, x, out=y)
     y *= 0.5
@@ -328,7 +328,7 @@ def _gelu_forward(y, x, s):
 def _gelu_backward(gx, x, s, gy):
     """gx = gy · dy/dx, written into gx."""
     xp = get_array_module(x)
-    p = xp.multiply(x, x, out=gx)                            # x²
+    p = xp.square(x, out=gx)                                 # x² (square: faster than x * x)
     p *= 1.5 * _GELU_K * _GELU_A
     p += 0.5 * _GELU_K
     p *= x                                                   # p = 0.5·x·k·(1 + 3a·x²)
