@@ -345,12 +345,35 @@ def test_row_helpers_match_numpy(shape, dtype, transpose, vecdot):
     np.testing.assert_allclose(got_dot, (a64 * b64).sum(-1, keepdims=True), rtol=tol, atol=tol)
 
 
-def test_centred_keys_come_transposed_in_memory():
+@pytest.mark.parametrize("copy", [True, False])
+def test_centred_keys_come_transposed_in_memory_while_short(copy, monkeypatch):
+    monkeypatch.setattr(F, "MAX_TRANSPOSED_COPY", 4 * 3 if copy else 0)
     qkv = np.random.default_rng(5).standard_normal((2, 7, 3 * 4 * 3))
     k = qkv[..., 12:24].reshape(2, 7, 4, 3).transpose(0, 2, 1, 3)   # (B, H, T, D) view of packed rows
-    kcT = F._centred_keys_transposed(k)
-    assert kcT.shape == (2, 4, 3, 7) and kcT.flags.c_contiguous    # (B, H, D, T): a plain right operand
-    np.testing.assert_allclose(kcT, (k - k.mean(axis=-2, keepdims=True)).swapaxes(-1, -2), atol=1e-14)
+    kcT, vT = F._centred_keys_transposed(k[:, :, :4]), F._transposed(k[:, :, :4])
+    assert kcT.shape == vT.shape == (2, 4, 3, 4)
+    if copy:                                                         # (B, H, D, T): plain right operands
+        assert kcT.flags.c_contiguous and vT.flags.c_contiguous
+    else:                                                            # views laid out like the keys
+        assert kcT.swapaxes(-1, -2).transpose(0, 2, 1, 3).flags.c_contiguous and np.shares_memory(vT, k)
+    np.testing.assert_allclose(kcT, (k[:, :, :4] - k[:, :, :4].mean(axis=-2, keepdims=True)).swapaxes(-1, -2),
+                               atol=1e-14)
+    np.testing.assert_array_equal(vT, k[:, :, :4].swapaxes(-1, -2))
+
+
+def test_attention_is_the_same_with_or_without_transposed_copies(monkeypatch):
+    """Long keys take the transposed products on views, short ones on copies: the same numbers."""
+    r = np.random.default_rng(8)
+    qkv, gy = r.standard_normal((2, 9, 3 * 2 * 4)), r.standard_normal((2, 9, 2 * 4))
+    results = []
+    for limit in (10**6, 0):
+        monkeypatch.setattr(F, "MAX_TRANSPOSED_COPY", limit)
+        x = tl.tensor(qkv, requires_grad=True)
+        y = F.self_attention(x, 2)
+        y.backward(gy)
+        results.append((y.data, x.grad))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("G", [1, 3])

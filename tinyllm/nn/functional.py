@@ -712,7 +712,7 @@ class ScaledDotProductAttention(Function):
             qb = qg[:, :, :, r0:r1].reshape(-1, Hkv, G * Tb, D)  # the group's query rows, stacked
             # keys minus their mean k̄: q̃·(k − k̄) is each score minus its row's mean q̃·k̄, the first
             # shift of the softmax (see _exp_rows), for D numbers per key instead of s1 per query
-            kcT = _centred_keys_transposed(self.k[bs, :, :s1])  # (b, Hkv, D, s1)
+            kcT = _centred_keys_transposed(self.k[bs, :, :s1])  # (b, Hkv, D, s1), maybe a transposed view
             # row g·Tb + i of a group is query r0 + i of head g: the (Tb, s1) mask repeats G times
             mask = xp.tile(_causal_bias(xp, Tb, s1, P.dtype), (G, 1)) if self.causal else None
             _, Z = _exp_rows(P, lambda out: xp.matmul(qb, kcT, out=out), mask)  # (b, Hkv, G·Tb, s1)
@@ -759,7 +759,7 @@ class ScaledDotProductAttention(Function):
             if gv is not None:
                 _add_key_rows(gv[bs], P.swapaxes(-1, -2), gyb, every_key)            # Pᵀ gy
             if gq is not None or gk is not None:
-                vT = xp.ascontiguousarray(self.v[bs, :, :s1].swapaxes(-1, -2))     # (b, Hkv, D, s1): NN below
+                vT = _transposed(self.v[bs, :, :s1])                                # (b, Hkv, D, s1)
                 gS = gyb @ vT                                                        # gP, (b, Hkv, G·Tb, s1)
                 gS -= _dot_last(gyb, y[rows].reshape(gyb.shape))                     # gP − rowsum(gP ⊙ P), as gy·y
                 gS *= P                                                              # gS
@@ -832,17 +832,33 @@ def _split_heads(qkv, n_head, n_kv_head):
             v.reshape(B, T, n_kv_head, D).transpose(0, 2, 1, 3))
 
 
-def _centred_keys_transposed(k):
-    """(k − k̄)ᵀ, k̄ the mean over the keys: (..., S, D) -> (..., D, S), a C-contiguous array.
+# Attention's products with a transposed right operand (q̃ kᵀ, gy vᵀ) go faster with that operand
+# transposed in memory first while one head's keys hold at most this many numbers: OpenBLAS's kernels
+# for small matrices are slower on a transposed operand, and transposing small arrays is cheap. On
+# 2 cores (one per process), per layer: "baby" (6 sequences, 64 keys of 32) scores 90 µs with the
+# copy against 112 µs without, gy vᵀ 59 against 78 µs; "char" (4 sequences, 256 keys of 64) 2.45 ms
+# against 2.00 ms and 2.12 against 1.56 ms, where transposing a big array costs more than it saves.
+MAX_TRANSPOSED_COPY = 4096
 
-    Transposed in memory, not just a transposed view, because the scores' product q̃ (k − k̄)ᵀ is
-    then a plain one (NN): OpenBLAS's kernels for small matrices took 204 µs for a transposed right
-    operand (NT) against 119 µs (NN) on the 48 products of a "baby" layer (part 6 of
-    scripts/bench_cpu_parts.py), and the transposing write costs less than the difference.
+
+def _transposed(k):
+    """kᵀ over the last two axes: (..., S, D) -> (..., D, S), a C-contiguous copy while a head's S·D
+    numbers are few (see MAX_TRANSPOSED_COPY), else a view."""
+    kT = k.swapaxes(-1, -2)
+    return get_array_module(k).ascontiguousarray(kT) if k.shape[-2] * k.shape[-1] <= MAX_TRANSPOSED_COPY else kT
+
+
+def _centred_keys_transposed(k):
+    """(k − k̄)ᵀ, k̄ the mean over the keys: (..., S, D) -> (..., D, S), laid out as _transposed does.
+
+    The centring is free in the copy: the subtraction writes straight into the transposed array.
+    Without the copy (long keys), the result is laid out like k, so that the subtraction runs along
+    whole rows of all heads when k is a view of packed q/k/v rows.
     """
     xp = get_array_module(k)
     kT = k.swapaxes(-1, -2)                                  # (..., D, S) view
-    out = xp.empty(kT.shape, dtype=k.dtype)
+    out = xp.empty(kT.shape, dtype=k.dtype) if k.shape[-2] * k.shape[-1] <= MAX_TRANSPOSED_COPY else \
+        xp.empty_like(k).swapaxes(-1, -2)                    # a transposed view of an array laid out like k
     return xp.subtract(kT, _mean_last(kT), out=out)          # the mean through _sum_last's product with ones
 
 
