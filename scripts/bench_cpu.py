@@ -308,8 +308,9 @@ def bench(name, steps, warmup, profile, default_malloc):
         print("PyTorch is not installed: timing tinyllm alone (pip install torch for the comparison)")
     threads = int(os.environ.get("BENCH_THREADS", os.cpu_count()))
     ours, cut = use_threads(cfg, threads)
-    blas = f"{cut} cut over them, NumPy's BLAS on 1" if ours > 1 else f"NumPy's BLAS on its own {threads}"
-    print(f"threads: tinyllm {ours} ({blas}), PyTorch {threads if torch is not None else '-'}")
+    how = {"batch": "processes, the batch cut over them", "layers": "threads, each layer cut over them"}[cut]
+    how = f"{how}, NumPy's BLAS on 1" if ours > 1 else f"thread, NumPy's BLAS on its own {threads}"
+    print(f"cores: tinyllm {ours} {how}; PyTorch {threads if torch is not None else '-'} threads")
     tinyllm_step = tinyllm_stepper(model, optimizer, cut)
     if torch is not None:
         torch.set_num_threads(threads)
