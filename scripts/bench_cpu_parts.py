@@ -14,10 +14,13 @@
 6. Short rows: sums and dot products over the last axis (.sum, einsum, F._sum_last's matrix-vector
    product, F._dot_last's vecdot), on the shapes of the "baby" step; and attention's small products
    with a transposed right operand: a transposed view (NT) against a transposed copy (NN), for the
-   scores against centred keys (F._centred_keys_transposed) and for backward's gy vᵀ.
+   scores against centred keys and for backward's gy vᵀ, on one process's rows of "baby" and
+   "char" (F.MAX_TRANSPOSED_COPY picks between them by size).
 7. The "baby" layers one at a time, forward + backward, tinyllm against PyTorch (needs torch; both
    on the machine's cores as scripts/bench_cpu.py runs them: tinyllm's elementwise work on one,
    BLAS and PyTorch on all), and GELU's forward on arrays fresh in cache or not.
+8. Handing an add to a second thread (tinyllm.threads) against doing it on one, and AdamW's update
+   in blocks of optim.UPDATE_BLOCK elements against whole parameters, "baby" and "char".
 Shapes are those of the "char" config of scripts/bench_cpu.py: B=8, T=256, C=384, 6 heads.
 Parts 1-3 and 5-7 report the best of several runs (ms; µs in parts 6 and 7), since they measure code, not the machine's noise;
 part 4 reports medians.
@@ -207,26 +210,66 @@ def part_short_rows():
         dots = {"einsum": lambda: np.einsum("...c,...c->...", a, b), "F._dot_last": lambda: F._dot_last(a, b)}
         print(f"{name} {shape}: sum " + ", ".join(f"{k} {best_us(f):.1f}" for k, f in sums.items())
               + "; dot " + ", ".join(f"{k} {best_us(f):.1f}" for k, f in dots.items()))
-    b_, t, h, d = 12, 64, 4, 32
-    qkv = r.standard_normal((b_, t, 3 * h * d)).astype(np.float32)
-    q, k, v = (qkv[..., i * h * d:(i + 1) * h * d].reshape(b_, t, h, d).transpose(0, 2, 1, 3) for i in range(3))
-    qs = np.ascontiguousarray(q)                                # q̃, as attention keeps it
-    scores = np.empty((b_, h, t, t), np.float32)
+    # attention's products with a transposed right operand, on the shapes of one process's rows when
+    # two processes share a batch: "baby" (6 sequences) and "char" (4)
+    for b_, t, h, d in [(6, 64, 4, 32), (4, 256, 6, 64)]:
+        qkv = r.standard_normal((b_, t, 3 * h * d)).astype(np.float32)
+        q, k, v = (qkv[..., i * h * d:(i + 1) * h * d].reshape(b_, t, h, d).transpose(0, 2, 1, 3) for i in range(3))
+        qs = np.ascontiguousarray(q)                            # q̃, as attention keeps it
+        scores = np.empty((b_, h, t, t), np.float32)
 
-    def centred_keys_like_k():                                  # the centred keys laid out like k (packed rows)
-        k_mean = F._mean_last(k.swapaxes(-1, -2)).swapaxes(-1, -2)
-        return np.subtract(k, k_mean, out=np.empty_like(k))
+        def centred_keys_like_k():                              # the centred keys laid out like k (packed rows)
+            k_mean = F._mean_last(k.swapaxes(-1, -2)).swapaxes(-1, -2)
+            return np.subtract(k, k_mean, out=np.empty_like(k))
 
-    ways = {"k laid out like its rows, transposed view (NT)":
-            lambda: np.matmul(qs, centred_keys_like_k().swapaxes(-1, -2), out=scores),
-            "F._centred_keys_transposed (NN)": lambda: np.matmul(qs, F._centred_keys_transposed(k), out=scores)}
-    print(f"attention scores against centred keys {k.shape}: "
-          + ", ".join(f"{name} {best_us(f, 50):.1f}" for name, f in ways.items()))
-    gy = r.standard_normal((b_, t, h, d)).astype(np.float32).transpose(0, 2, 1, 3)   # a view of (B, T, C) rows
-    vT = lambda: np.ascontiguousarray(v.swapaxes(-1, -2))
-    ways = {"transposed view of v (NT)": lambda: np.matmul(gy, v.swapaxes(-1, -2), out=scores),
-            "transposed copy of v (NN)": lambda: np.matmul(gy, vT(), out=scores)}
-    print(f"attention backward gy vᵀ {v.shape}: " + ", ".join(f"{name} {best_us(f, 50):.1f}" for name, f in ways.items()))
+        def centred_keys_transposed():                          # ... written straight into a transposed array
+            kT = k.swapaxes(-1, -2)
+            return np.subtract(kT, F._mean_last(kT), out=np.empty(kT.shape, np.float32))
+
+        ways = {"k laid out like its rows, transposed view (NT)":
+                lambda: np.matmul(qs, centred_keys_like_k().swapaxes(-1, -2), out=scores),
+                "centred into a transposed copy (NN)": lambda: np.matmul(qs, centred_keys_transposed(), out=scores)}
+        print(f"attention scores against centred keys {k.shape} (F: {'NN' if t * d <= F.MAX_TRANSPOSED_COPY else 'NT'}): "
+              + ", ".join(f"{name} {best_us(f, 50):.1f}" for name, f in ways.items()))
+        gy = r.standard_normal((b_, t, h, d)).astype(np.float32).transpose(0, 2, 1, 3)   # a view of (B, T, C) rows
+        ways = {"transposed view of v (NT)": lambda: np.matmul(gy, v.swapaxes(-1, -2), out=scores),
+                "transposed copy of v (NN)": lambda: np.matmul(gy, np.ascontiguousarray(v.swapaxes(-1, -2)), out=scores)}
+        print(f"attention backward gy vᵀ {v.shape}: "
+              + ", ".join(f"{name} {best_us(f, 50):.1f}" for name, f in ways.items()))
+    print()
+
+
+def part_handovers_and_adamw():
+    from tinyllm import optim
+    print("## 8. hand-overs to a thread, and AdamW in cache-sized blocks")
+    for size in (1 << 16, 1 << 18, 1 << 20):
+        a, b = np.ones(size, np.float32), np.ones(size, np.float32)
+        row = []
+        for n in (1, 2):
+            threads.set_num_threads(n)
+            times = []
+            for i in range(100):                                # one call now and then, as in a step
+                if i % 10 == 0:
+                    time.sleep(0.01)
+                t0 = time.perf_counter()
+                threads.parallel_for(size, lambda i, j: np.add(a[i:j], b[i:j], out=a[i:j]), size=size)
+                times.append(time.perf_counter() - t0)
+            row.append(statistics.median(times) * 1e6)
+        threads.set_num_threads(1)
+        print(f"a += b on {size} float32 (median µs): one thread {row[0]:.1f}, cut over two {row[1]:.1f}")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_cpu
+    block = optim.UPDATE_BLOCK
+    for name in ("baby", "char"):
+        model, optimizer = bench_cpu.build_tinyllm(bench_cpu.CONFIGS[name])
+        for p in model.parameters():
+            p.grad = np.random.default_rng(0).standard_normal(p.shape).astype(np.float32)
+        optim.UPDATE_BLOCK = 1 << 40                            # each parameter (or its piece) whole
+        whole = best_ms(optimizer.step, 10)
+        optim.UPDATE_BLOCK = block
+        blocks = best_ms(optimizer.step, 10)
+        print(f"AdamW.step, {name} ({model.num_parameters():,} parameters), one thread: whole parameters "
+              f"{whole:.2f} ms, blocks of {block} elements {blocks:.2f} ms")
     print()
 
 
@@ -349,6 +392,7 @@ def main():
     part_softmax_shift()
     part_short_rows()
     part_layers_vs_torch()
+    part_handovers_and_adamw()
 
 
 if __name__ == "__main__":

@@ -138,6 +138,28 @@ def test_constructor_errors():
         AdamW([np.zeros(3)])
 
 
+@pytest.mark.parametrize("block", [1, 5, 7])
+def test_update_in_blocks_and_stretches_is_the_whole_update(block, monkeypatch):
+    """Any cut of the parameters taken end to end (blocks, stretches, non-contiguous arrays) gives the same step."""
+    from tinyllm import optim
+    params, cut = make_params(), make_params()
+    cut[2].data = np.asfortranarray(cut[2].data)          # not contiguous: updated whole, never cut
+    for ps in (params, cut):
+        for i, p in enumerate(ps):
+            p.grad = np.random.default_rng(10 + i).standard_normal(p.data.shape)
+    whole, blocks = AdamW(params, lr=0.1, weight_decay=0.1), AdamW(cut, lr=0.1, weight_decay=0.1)
+    for _ in range(2):
+        whole.step()
+        monkeypatch.setattr(optim, "UPDATE_BLOCK", block)
+        updates = blocks.updates()
+        total = sum(p.data.size for p in cut)
+        for i, j in [(0, 5), (5, 20), (20, total)]:        # stretches that cut the first and third parameters
+            optim.update_stretch(updates, i, j)
+        monkeypatch.undo()
+    for p, q in zip(params, cut):
+        np.testing.assert_allclose(q.data, p.data, rtol=1e-14, atol=1e-15)
+
+
 def test_matches_torch_adamw():
     torch = pytest.importorskip("torch")
     params = make_params(seed=3)

@@ -142,7 +142,7 @@ class DataParallel:
     def _add_up(self, parts):
         """p.grad += each part's gradient (a copy of it when p has none yet), in place: p.grad was
         just written by this process's backward and is still in its cache. On this one thread: the
-        threads' hand-overs cost more than they save here (about 0.1 ms each, measured on 2 cores)."""
+        threads' hand-overs cost more than they save here (docs/training.md)."""
         for i, p in enumerate(self.params):
             for part in parts:
                 if part.given[i]:

@@ -275,6 +275,14 @@ def optimizer_state_from_flat(arrays, meta):
 # ----------------------------------------------------------------------------------------------
 
 
+# The update makes 13 passes over its arrays. Taken this many elements at a time, the five arrays
+# it touches (data, grad, both moments, a scratch array: 1.25 MiB of float32) stay in a core's L2
+# cache over all 13, instead of streaming from memory 13 times for a big parameter: AdamW on the
+# "char" config's parameters took 31.7 instead of 43.6 ms on one core, the "baby" one's (all small
+# already) 1.51 against 1.54 ms (part 8 of scripts/bench_cpu_parts.py).
+UPDATE_BLOCK = 1 << 16
+
+
 def update_all(updates):
     """Apply AdamW.updates(), the elements of all the parameters cut over the CPU threads.
 
@@ -298,7 +306,9 @@ def update_stretch(updates, i, j):
         data, grad, m, v, hyper = updates[n]
         arrays = (data, grad, m, v)
         if all(x.flags.c_contiguous for x in arrays):
-            _adamw_update(*(x.reshape(-1)[a:b] for x in arrays), *hyper)
+            flat = [x.reshape(-1) for x in arrays]
+            for c in range(a, b, UPDATE_BLOCK):        # blocks that stay in cache over the update's passes
+                _adamw_update(*(x[c:min(c + UPDATE_BLOCK, b)] for x in flat), *hyper)
         elif a == 0:
             _adamw_update(*arrays, *hyper)
 
