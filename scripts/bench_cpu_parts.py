@@ -5,7 +5,8 @@
 1. Threads: GELU right after a matrix product, on 1 or 2 threads, with NumPy's BLAS left threaded
    (its idle worker spins) and with BLAS on one thread and the product cut by tinyllm.threads.
 2. GELU backward: the textbook order (16 passes) and the 14-pass order recomputing tanh (written out
-   here as the peers) against F.GELU's, which keeps s = 1 + tanh(u) from forward.
+   here as the peers) against F.GELU's, which keeps s = 1 + tanh(u) from forward; and GELU forward
+   and backward in cache-sized blocks (F.ELEMENTWISE_BLOCK) against whole arrays.
 3. Causal attention, forward + backward, in one query block against two (the default from T = 128).
 4. Two frameworks in one process: "baby" steps of tinyllm and PyTorch alternated one by one, with
    no rest and with 0.2 s of rest before each step (needs torch; tinyllm on one thread, BLAS on 2).
@@ -145,6 +146,18 @@ def part_gelu_backward():
               f"14 passes recomputing tanh {best_ms(lambda: gelu_backward_recomputed(x, gy)):.2f} ms, "
               f"F.GELU (9 passes, s kept from forward) {best_ms(lambda: op.backward(gy)):.2f} ms "
               f"(largest difference {diff:.1e})")
+    # in blocks of F.ELEMENTWISE_BLOCK elements or whole, on one process's rows when two share a batch
+    for shape in [(B // 2, T, 4 * C), (6, 64, 512)]:
+        x = r.standard_normal(shape).astype(np.float32)
+        gy = r.standard_normal(x.shape).astype(np.float32)
+        block, row = F.ELEMENTWISE_BLOCK, []
+        for size in (x.size, block):
+            F.ELEMENTWISE_BLOCK = size
+            op = F.GELU()
+            row += [best_ms(lambda: op.forward(x)), best_ms(lambda: op.backward(gy))]
+        F.ELEMENTWISE_BLOCK = block
+        print(f"GELU on {shape}, forward and backward: whole {row[0]:.2f} and {row[1]:.2f} ms, in blocks of "
+              f"{block} elements {row[2]:.2f} and {row[3]:.2f} ms")
     print()
 
 

@@ -361,6 +361,21 @@ def test_centred_keys_come_transposed_in_memory_while_short(copy, monkeypatch):
     np.testing.assert_array_equal(vT, k[:, :, :4].swapaxes(-1, -2))
 
 
+@pytest.mark.parametrize("shape", [(3, 10), (0, 4)])
+def test_gelu_in_blocks_is_gelu_whole(shape, monkeypatch):
+    r = np.random.default_rng(9)
+    x, gy = r.standard_normal(shape) * 3, r.standard_normal(shape)
+    results = []
+    for block in (10**6, 7):                    # one block, or blocks that cut rows anywhere
+        monkeypatch.setattr(F, "ELEMENTWISE_BLOCK", block)
+        t = tl.tensor(x, requires_grad=True)
+        y = F.gelu(t)
+        y.backward(gy)
+        results.append((y.data, t.grad))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
 def test_attention_is_the_same_with_or_without_transposed_copies(monkeypatch):
     """Long keys take the transposed products on views, short ones on copies: the same numbers."""
     r = np.random.default_rng(8)
