@@ -20,8 +20,9 @@
 7. The "baby" layers one at a time, forward + backward, tinyllm against PyTorch (needs torch; both
    on the machine's cores as scripts/bench_cpu.py runs them: tinyllm's elementwise work on one,
    BLAS and PyTorch on all), and GELU's forward on arrays fresh in cache or not.
-8. Handing an add to a second thread (tinyllm.threads) against doing it on one, and AdamW's update
-   in blocks of optim.UPDATE_BLOCK elements against whole parameters, "baby" and "char".
+8. Handing an add to a second thread (tinyllm.threads) against doing it on one; layer norm's
+   backward in row blocks (F.ELEMENTWISE_BLOCK) against all rows at once; AdamW's update in blocks
+   of optim.UPDATE_BLOCK elements against whole parameters; "baby" and "char".
 Shapes are those of the "char" config of scripts/bench_cpu.py: B=8, T=256, C=384, 6 heads.
 Parts 1-3 and 5-7 report the best of several runs (ms; µs in parts 6 and 7), since they measure code, not the machine's noise;
 part 4 reports medians.
@@ -254,7 +255,7 @@ def part_short_rows():
 
 def part_handovers_and_adamw():
     from tinyllm import optim
-    print("## 8. hand-overs to a thread, and AdamW in cache-sized blocks")
+    print("## 8. hand-overs to a thread; layer norm backward and AdamW in cache-sized blocks")
     for size in (1 << 16, 1 << 18, 1 << 20):
         a, b = np.ones(size, np.float32), np.ones(size, np.float32)
         row = []
@@ -270,6 +271,19 @@ def part_handovers_and_adamw():
             row.append(statistics.median(times) * 1e6)
         threads.set_num_threads(1)
         print(f"a += b on {size} float32 (median µs): one thread {row[0]:.1f}, cut over two {row[1]:.1f}")
+    r = np.random.default_rng(8)
+    for shape in [(B // 2 * T, C), (6 * 64, 128)]:          # one process's rows of "char" and "baby"
+        x, gy = r.standard_normal(shape).astype(np.float32), r.standard_normal(shape).astype(np.float32)
+        op = F.LayerNorm(1e-5, has_weight=True, has_bias=False)
+        op.needs_input_grad = (True, True)
+        op.forward(x, np.ones(shape[1], np.float32))
+        block, row = F.ELEMENTWISE_BLOCK, []
+        for size in (x.size, block):
+            F.ELEMENTWISE_BLOCK = size
+            row.append(best_ms(lambda: op.backward(gy)))
+        F.ELEMENTWISE_BLOCK = block
+        print(f"layer norm backward on {shape}: all rows at once {row[0]:.3f} ms, rows in blocks of about "
+              f"{block} numbers {row[1]:.3f} ms")
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_cpu
     block = optim.UPDATE_BLOCK

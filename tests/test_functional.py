@@ -376,6 +376,19 @@ def test_gelu_in_blocks_is_gelu_whole(shape, monkeypatch):
     np.testing.assert_array_equal(results[0][1], results[1][1])
 
 
+def test_layer_norm_backward_in_row_blocks_is_the_whole_backward(monkeypatch):
+    r = np.random.default_rng(10)
+    x, w, b, gy = r.standard_normal((7, 5)), r.standard_normal(5), r.standard_normal(5), r.standard_normal((7, 5))
+    results = []
+    for block in (10**6, 2 * 5):                # all rows at once, or blocks of 2 rows (the last one short)
+        monkeypatch.setattr(F, "ELEMENTWISE_BLOCK", block)
+        ts = [tl.tensor(a, requires_grad=True) for a in (x, w, b)]
+        F.layer_norm(*ts).backward(gy)
+        results.append([t.grad for t in ts])
+    for whole, blocks in zip(*results):
+        np.testing.assert_allclose(blocks, whole, rtol=1e-13, atol=1e-14)
+
+
 def test_attention_is_the_same_with_or_without_transposed_copies(monkeypatch):
     """Long keys take the transposed products on views, short ones on copies: the same numbers."""
     r = np.random.default_rng(8)
