@@ -30,7 +30,9 @@ generator (tinyllm.rng), so a run with dropout is repeatable too, though its mas
 one-process run's.
 
 Nothing is pickled: a command is a fixed binary header and raw numbers, a result a fixed header
-and, after an error, its message. Systems with `os.fork` only (Linux, macOS).
+and, after an error, its message. Workers are forked only where `os.fork` exists and
+tinyllm.threads controls NumPy's BLAS (the OpenBLAS of NumPy's wheels on Linux: each process's BLAS
+must run on one thread); elsewhere get_num_threads() stays 1 and every call is a plain one.
 """
 import mmap
 import os
