@@ -137,21 +137,21 @@ class DataParallel:
                     losses.append(weights[0] * _part(self.model, idx[:cut[1]], targets[:cut[1]], weights[0] * scale))
         finally:
             results = [worker.receive(self._calls) for worker, _ in busy]   # always, even after an error here
-        self._add_up([worker.grads for worker, _ in busy])
+        self._add_up([worker for worker, _ in busy])
         losses += [weight * loss for (_, weight), loss in zip(busy, results)]
         return numpy.asarray(sum(losses), dtype=dtype)
 
-    def _add_up(self, parts):
-        """p.grad += each part's gradient (a copy of it when p has none yet), in place: p.grad was
+    def _add_up(self, workers):
+        """p.grad += each worker's gradient (a copy of it when p has none yet), in place: p.grad was
         just written by this process's backward and is still in its cache. On this one thread: the
         threads' hand-overs cost more than they save here (docs/training.md)."""
         for i, p in enumerate(self.params):
-            for part in parts:
-                if part.given[i]:
+            for worker in workers:
+                if worker.given[i]:
                     if p.grad is None:
-                        p.grad = part.arrays[i].copy()
+                        p.grad = worker.grads.arrays[i].copy()
                     else:
-                        p.grad += part.arrays[i]
+                        p.grad += worker.grads.arrays[i]
 
     # --- the optimizer's step ---------------------------------------------------------------------
     def step(self, optimizer):
@@ -168,7 +168,8 @@ class DataParallel:
         # contiguous gradients, so that this process cuts the parameters where the workers do
         ours = [(self.weights.arrays[i], numpy.ascontiguousarray(grad), m.arrays[i], v.arrays[i], hyper)
                 for i, (_, grad, _, _, hyper) in zip(numbers, updates)]
-        total = sum(data.size for data, *_ in ours)
+        sizes = [data.size for data, *_ in ours]
+        total = sum(sizes)
         k = len(self._workers) + 1
         cut = [total * r // k for r in range(k + 1)]        # process r updates the elements cut[r] .. cut[r + 1]
         plan = numpy.array([(i,) + hyper for i, (*_, hyper) in zip(numbers, updates)], dtype=numpy.float64)
@@ -176,7 +177,7 @@ class DataParallel:
         busy = []
         try:
             for r, worker in enumerate(self._workers, start=1):
-                for n, a, b in stretch_pieces([data.size for data, *_ in ours], cut[r], cut[r + 1]):
+                for n, a, b in stretch_pieces(sizes, cut[r], cut[r + 1]):
                     i, grad = numbers[n], ours[n][1]        # the worker's pieces of the gradients, shared
                     self.grads.arrays[i].reshape(-1)[a:b] = grad.reshape(-1)[a:b]
                 worker.send(_COMMAND.pack(self._calls, _UPDATE, len(plan), cut[r], cut[r + 1], 0.0, 0), plan)
@@ -245,8 +246,7 @@ def _shared_block(nbytes):
 
 
 class _SharedArrays:
-    """One array per parameter shape, end to end in one shared block (each on a cache line), and a
-    flag per array (`given`: a worker's part gave that parameter a gradient)."""
+    """One array per parameter shape, end to end in one shared block (each on a cache line)."""
 
     def __init__(self, shapes, dtype):
         align = 64 // dtype.itemsize
@@ -254,7 +254,6 @@ class _SharedArrays:
         starts = numpy.cumsum([0] + [-(-size // align) * align for size in sizes])
         block = numpy.frombuffer(_shared_block(int(starts[-1]) * dtype.itemsize), dtype=dtype)
         self.arrays = [block[s:s + size].reshape(shape) for s, size, shape in zip(starts, sizes, shapes)]
-        self.given = numpy.frombuffer(_shared_block(len(shapes)), dtype=numpy.uint8)
 
     def adopt(self, params, attribute):
         """Copy each parameter's array in, and make the shared one its .data (or .grad)."""
@@ -270,14 +269,16 @@ class _SharedArrays:
 
 
 class _Worker:
-    """One forked worker process, this process's ends of its two pipes, and its gradient arrays."""
+    """One forked worker process, this process's ends of its two pipes, its gradient arrays, and a
+    flag per parameter in shared memory (`given`: the worker's part gave that parameter a gradient)."""
 
-    def __init__(self, pid, commands, results, grads):
-        self.pid, self.commands, self.results, self.grads = pid, commands, results, grads
+    def __init__(self, pid, commands, results, grads, given):
+        self.pid, self.commands, self.results, self.grads, self.given = pid, commands, results, grads, given
 
     @classmethod
     def start(cls, data_parallel, grads):
         """Fork a worker that serves data_parallel's model, its gradients written into grads."""
+        given = numpy.frombuffer(_shared_block(len(grads.arrays)), dtype=numpy.uint8)
         command_read, command_write = os.pipe()
         result_read, result_write = os.pipe()
         pid = os.fork()
@@ -289,14 +290,14 @@ class _Worker:
                 for fd in _main_ends:                  # other workers' pipes: those must close when the main
                     os.close(fd)                       # process closes them
                 signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is for the main process to handle
-                _serve(data_parallel, grads, command_read, result_write)
+                _serve(data_parallel, grads, given, command_read, result_write)
                 code = 0
             finally:
                 os._exit(code)                         # never return into the main process's code
         os.close(command_read)
         os.close(result_write)
         _main_ends.update((command_write, result_read))
-        return cls(pid, command_write, result_read, grads)
+        return cls(pid, command_write, result_read, grads, given)
 
     def send(self, header, *arrays):
         try:
@@ -324,7 +325,7 @@ class _Worker:
                             "(--threads 1) or cut the layers instead (--parallel layers)")
 
 
-def _serve(data_parallel, grads, commands, results):
+def _serve(data_parallel, grads, given, commands, results):
     """A worker's loop: a command in, its work done, a result out, until the command pipe closes."""
     model, params = data_parallel.model, data_parallel.params
     while True:
@@ -343,7 +344,7 @@ def _serve(data_parallel, grads, commands, results):
                     rng.manual_seed(seed)              # this call's dropout masks
                 loss = _part(model, ids[0], ids[1], grad_weight)
                 for i, (p, g) in enumerate(zip(params, grads.arrays)):
-                    grads.given[i] = p.grad is not None
+                    given[i] = p.grad is not None
                     if p.grad is not None:
                         numpy.copyto(g, p.grad)
                         p.grad = None

@@ -307,8 +307,8 @@ def update_stretch(updates, i, j):
         arrays = (data, grad, m, v)
         if all(x.flags.c_contiguous for x in arrays):
             flat = [x.reshape(-1) for x in arrays]
-            for c in range(a, b, UPDATE_BLOCK):        # blocks that stay in cache over the update's passes
-                _adamw_update(*(x[c:min(c + UPDATE_BLOCK, b)] for x in flat), *hyper)
+            for c, e in threads.blocks(a, b, UPDATE_BLOCK):   # blocks that stay in cache over the passes
+                _adamw_update(*(x[c:e] for x in flat), *hyper)
         elif a == 0:
             _adamw_update(*arrays, *hyper)
 

@@ -128,6 +128,13 @@ def serial():
         _inside.busy = before
 
 
+def blocks(start, stop, size):
+    """[(b, e)]: the items start .. stop in consecutive blocks of at most `size` (at least 1), for
+    work that runs block by block so that its arrays stay in cache from one pass to the next."""
+    size = max(size, 1)
+    return [(b, min(b + size, stop)) for b in range(start, stop, size)]
+
+
 def _run_part(body, start, stop):
     _inside.busy = True
     try:

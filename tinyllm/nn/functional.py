@@ -223,7 +223,7 @@ class LayerNorm(Function):
 
         def part(i, j):                                      # this thread's rows, in blocks that stay in cache
             return [self.backward_rows(GY[b:e], self.n[b:e], self.rstd[b:e], None if gx is None else gx[b:e],
-                                       need_w, need_b) for b, e in _blocks(i, j, rows)]
+                                       need_w, need_b) for b, e in threads.blocks(i, j, rows)]
 
         blocks = [block for done in threads.parallel_for(len(GY), part, xp, size=GY.size) for block in done]
         gw = sum(block[0] for block in blocks) if need_w else None   # the row sums add up over the blocks
@@ -369,17 +369,11 @@ def _elementwise(kernel, out, *arrays):
     block = ELEMENTWISE_BLOCK if xp is numpy else out.size
 
     def part(i, j):
-        for b, e in _blocks(i, j, block):
+        for b, e in threads.blocks(i, j, block):
             kernel(flat_out[b:e], *(a[b:e] for a in flat))
 
     threads.parallel_for(out.size, part, xp, size=out.size)
     return out
-
-
-def _blocks(i, j, size):
-    """[(b, e)]: the items i .. j in consecutive blocks of at most `size`."""
-    size = max(size, 1)
-    return [(b, min(b + size, j)) for b in range(i, j, size)]
 
 
 def _block_rows(x):
@@ -875,11 +869,15 @@ def _split_heads(qkv, n_head, n_kv_head):
 MAX_TRANSPOSED_COPY = 4096
 
 
+def _copies_transposed(k):
+    """Whether a head's keys k (..., S, D) are short enough to be copied transposed (MAX_TRANSPOSED_COPY)."""
+    return k.shape[-2] * k.shape[-1] <= MAX_TRANSPOSED_COPY
+
+
 def _transposed(k):
-    """kᵀ over the last two axes: (..., S, D) -> (..., D, S), a C-contiguous copy while a head's S·D
-    numbers are few (see MAX_TRANSPOSED_COPY), else a view."""
+    """kᵀ over the last two axes: (..., S, D) -> (..., D, S), a C-contiguous copy for short keys, else a view."""
     kT = k.swapaxes(-1, -2)
-    return get_array_module(k).ascontiguousarray(kT) if k.shape[-2] * k.shape[-1] <= MAX_TRANSPOSED_COPY else kT
+    return get_array_module(k).ascontiguousarray(kT) if _copies_transposed(k) else kT
 
 
 def _centred_keys_transposed(k):
@@ -891,7 +889,7 @@ def _centred_keys_transposed(k):
     """
     xp = get_array_module(k)
     kT = k.swapaxes(-1, -2)                                  # (..., D, S) view
-    out = xp.empty(kT.shape, dtype=k.dtype) if k.shape[-2] * k.shape[-1] <= MAX_TRANSPOSED_COPY else \
+    out = xp.empty(kT.shape, dtype=k.dtype) if _copies_transposed(k) else \
         xp.empty_like(k).swapaxes(-1, -2)                    # a transposed view of an array laid out like k
     return xp.subtract(kT, _mean_last(kT), out=out)          # the mean through _sum_last's product with ones
 
