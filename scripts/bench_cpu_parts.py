@@ -23,6 +23,9 @@
 8. Handing an add to a second thread (tinyllm.threads) against doing it on one; layer norm's
    backward in row blocks (F.ELEMENTWISE_BLOCK) against all rows at once; AdamW's update in blocks
    of optim.UPDATE_BLOCK elements against whole parameters; "baby" and "char".
+9. The "baby" step with the batch cut over two processes (tinyllm.data_parallel), phase by phase:
+   this process's rows, the wait for the worker, adding its gradients, AdamW shared out over both
+   processes against AdamW in this process; and one process alone on half the batch.
 Shapes are those of the "char" config of scripts/bench_cpu.py: B=8, T=256, C=384, 6 heads.
 Parts 1-3 and 5-7 report the best of several runs (ms; µs in parts 6 and 7), since they measure code, not the machine's noise;
 part 4 reports medians.
@@ -409,6 +412,59 @@ def part_interference():
     print()
 
 
+def part_data_parallel():
+    """The "baby" step with the batch cut over two processes, phase by phase, against one process alone."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_cpu
+    from tinyllm import data_parallel
+    print("## 9. baby step over two processes (tinyllm.data_parallel), median ms of 40 steps")
+    cfg = bench_cpu.CONFIGS["baby"]
+    x, y = bench_cpu.make_batch(cfg)
+    half = dict(cfg, batch_size=cfg["batch_size"] // 2)
+    model, optimizer = bench_cpu.build_tinyllm(half)
+    threads.set_num_threads(2)                                  # BLAS on one thread, as in each process
+    alone = []
+    with threads.serial():                                      # one core, as each process runs
+        for _ in range(40):
+            t0 = time.perf_counter()
+            _, loss = model(x[:half["batch_size"]], y[:half["batch_size"]])
+            loss.backward()
+            alone.append(time.perf_counter() - t0)
+            model.zero_grad()
+    model, optimizer = bench_cpu.build_tinyllm(cfg)
+    times = {"this process's rows": [], "waiting for the worker": [], "adding its gradients": []}
+
+    def timed(key, fn):
+        def wrapper(*args):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                times[key].append(time.perf_counter() - t0)
+        return wrapper
+    parts = (data_parallel._part, data_parallel._Worker.receive, data_parallel.DataParallel._add_up)
+    with data_parallel.DataParallel(model) as dp:              # forked before the timers go in
+        data_parallel._part = timed("this process's rows", parts[0])
+        data_parallel._Worker.receive = timed("waiting for the worker", parts[1])
+        data_parallel.DataParallel._add_up = timed("adding its gradients", parts[2])
+        try:
+            steps = {"DataParallel.step (AdamW on both)": [], "optimizer.step (AdamW here)": []}
+            for i in range(80):                                 # the two ways of stepping alternate
+                dp.forward_backward(x, y)
+                key = list(steps)[i % 2]
+                t0 = time.perf_counter()
+                dp.step(optimizer) if i % 2 == 0 else optimizer.step()
+                steps[key].append(time.perf_counter() - t0)
+                optimizer.zero_grad()
+        finally:
+            data_parallel._part, data_parallel._Worker.receive, data_parallel.DataParallel._add_up = parts
+    threads.set_num_threads(1)
+    med = lambda ts: statistics.median(ts[5:]) * 1e3          # noqa: E731
+    print(f"one process alone, forward + backward of {half['batch_size']} rows: {med(alone):.2f}")
+    print(", ".join(f"{key} {med(ts):.2f}" for key, ts in {**times, **steps}.items()))
+    print()
+
+
 def main():
     backend.keep_freed_host_memory()   # as `tinyllm train`: freed arrays are reused, not faulted in again
     print(f"numpy {np.__version__}, {os.cpu_count()} CPUs, glibc keeps freed memory\n")
@@ -420,6 +476,7 @@ def main():
     part_short_rows()
     part_layers_vs_torch()
     part_handovers_and_adamw()
+    part_data_parallel()
 
 
 if __name__ == "__main__":
