@@ -1,6 +1,7 @@
 """The measurements behind the CPU choices of issue 7, each against the alternative it replaced.
 
     python scripts/bench_cpu_parts.py            # about a minute on 2 cores
+    python scripts/bench_cpu_parts.py 2 9        # parts 2 and 9 only
 
 1. Threads: GELU right after a matrix product, on 1 or 2 threads, with NumPy's BLAS left threaded
    (its idle worker spins) and with BLAS on one thread and the product cut by tinyllm.threads.
@@ -402,10 +403,10 @@ def part_interference():
     for rest in (0.0, 0.2):
         times = {"tinyllm": [], "PyTorch": []}
         for _ in range(10):
-            for name, step in (("tinyllm", ours), ("PyTorch", theirs)):
+            for name, take_step in (("tinyllm", ours), ("PyTorch", theirs)):
                 time.sleep(rest)
                 t0 = time.perf_counter()
-                step()
+                take_step()
                 times[name].append(time.perf_counter() - t0)
         a, b = (statistics.median(times[n]) * 1e3 for n in ("tinyllm", "PyTorch"))
         print(f"rest {rest:.1f} s: tinyllm {a:.1f} ms, PyTorch {b:.1f} ms, ratio {a / b:.2f}")
@@ -468,15 +469,11 @@ def part_data_parallel():
 def main():
     backend.keep_freed_host_memory()   # as `tinyllm train`: freed arrays are reused, not faulted in again
     print(f"numpy {np.__version__}, {os.cpu_count()} CPUs, glibc keeps freed memory\n")
-    part_threads()
-    part_gelu_backward()
-    part_attention()
-    part_interference()
-    part_softmax_shift()
-    part_short_rows()
-    part_layers_vs_torch()
-    part_handovers_and_adamw()
-    part_data_parallel()
+    parts = [part_threads, part_gelu_backward, part_attention, part_interference, part_softmax_shift,
+             part_short_rows, part_layers_vs_torch, part_handovers_and_adamw, part_data_parallel]
+    chosen = [int(a) for a in sys.argv[1:]] or range(1, len(parts) + 1)
+    for number in chosen:
+        parts[number - 1]()
 
 
 if __name__ == "__main__":

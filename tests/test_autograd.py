@@ -86,6 +86,20 @@ def test_grad_accumulates_across_backward_calls():
     np.testing.assert_allclose(x.grad, [5.0, 5.0])
 
 
+def test_first_gradient_goes_into_grad_home():
+    """A leaf with a grad_home gets its first gradient copied there (no new array), later ones added."""
+    x = tl.tensor([1.0, 2.0], requires_grad=True)
+    home = np.full(2, np.nan, dtype=x.dtype)
+    x.grad_home = home
+    (x * 2).sum().backward()
+    assert x.grad is home
+    (x * 3).sum().backward()
+    np.testing.assert_allclose(home, [5.0, 5.0])
+    y = tl.tensor([1.0, 2.0], requires_grad=True)      # others still get new arrays
+    (y * 2).sum().backward()
+    assert y.grad is not home and y.grad_home is None
+
+
 def test_intermediate_grads_freed_unless_retained():
     x = tl.tensor([1.0, 2.0], requires_grad=True)
     h = x * 2

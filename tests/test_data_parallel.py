@@ -191,6 +191,22 @@ def test_bad_input_is_refused_with_a_reason(cores):
         DataParallel(mixed)
 
 
+def test_gradients_are_written_into_shared_memory(cores):
+    """Backward writes this process's gradients into the shared block the workers read (no copy),
+    until close() gives the parameters new arrays again."""
+    x, y = _batch(4)
+    model = _gpt()
+    data_parallel = DataParallel(model)
+    data_parallel.forward_backward(x, y)
+    assert all(p.grad is home for p, home in zip(model.parameters(), data_parallel.grads.arrays))
+    data_parallel.close()
+    model.zero_grad()
+    _, loss = model(x, y)
+    loss.backward()
+    assert all(p.grad_home is None and p.grad is not home for p, home in zip(model.parameters(),
+                                                                             data_parallel.grads.arrays))
+
+
 def test_close_ends_the_workers(cores):
     data_parallel = DataParallel(_gpt())
     (pid,) = data_parallel.worker_pids

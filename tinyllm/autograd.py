@@ -154,6 +154,9 @@ class Tensor:
     __array_ufunc__ = None  # make `ndarray + Tensor` call Tensor.__radd__ instead of NumPy's loop
     __hash__ = object.__hash__  # tensors are hashable by identity, though `==` is elementwise
     name = None  # an optional label for printing and to_dot
+    # An array of the tensor's shape and dtype that backward copies its first gradient into, instead
+    # of a new one: tinyllm.data_parallel keeps the gradients in memory its processes share.
+    grad_home = None
 
     def __init__(self, data, requires_grad=False):
         if requires_grad and data.dtype.kind not in "fc":
@@ -270,9 +273,14 @@ def backward(root, grad=None, retain_graph=False):
 
 
 def _accumulate(t, g):
-    """t.grad += g, but the first gradient is copied so no two tensors ever share a .grad array."""
+    """t.grad += g, but the first gradient is copied so no two tensors ever share a .grad array
+    (copied into t.grad_home when the tensor has one)."""
     if t.grad is None:
-        t.grad = g.astype(t.dtype, copy=True)
+        if t.grad_home is None:
+            t.grad = g.astype(t.dtype, copy=True)
+        else:
+            t.grad = t.grad_home
+            t.grad[...] = g
     else:
         t.grad += g
 

@@ -10,11 +10,12 @@ memory:
 - `DataParallel(model)` forks n − 1 workers (n = tinyllm.threads.get_num_threads()), each with a
   copy of the model over those same weights;
 - `forward_backward`: each worker reads its rows of the batch from a pipe, runs forward and
-  backward, and writes its gradients into shared memory of its own; meanwhile this process runs
-  the first rows, then adds the workers' gradients into its own `.grad` arrays;
+  backward, its gradients written straight into shared memory of its own (each Parameter's
+  `grad_home`, see tinyllm.autograd); meanwhile this process runs the first rows, its own
+  gradients going into shared memory too, then adds the workers' gradients into them;
 - `step(optimizer)`: AdamW's update is elementwise, so each process updates one stretch of the
-  parameters (taken end to end). The moments live in shared memory too, and this process copies
-  each worker's stretch of the gradients into shared memory for it.
+  parameters (taken end to end), reading this process's gradients where they already are. The
+  moments live in shared memory too.
 
 The loss is a mean over the targets that count (those not equal to ignore_index), so part r, with
 c_r of the batch's c counted targets, weighs c_r / c:
@@ -95,6 +96,8 @@ class DataParallel:
         # the weights, the gradients a worker updates its stretch with, AdamW's two moments
         self.weights, self.grads, self.moments = shared(), shared(), (shared(), shared())
         self.weights.adopt(self.params, "data")             # the Parameters become views of shared memory
+        for p, home in zip(self.params, self.grads.arrays):  # and their gradients are written into it
+            p.grad_home = home
         self._number = {id(a): i for i, a in enumerate(self.weights.arrays)}
         for _ in range(n - 1):
             self._workers.append(_Worker.start(self, shared()))
@@ -149,7 +152,8 @@ class DataParallel:
             for worker in workers:
                 if worker.given[i]:
                     if p.grad is None:
-                        p.grad = worker.grads.arrays[i].copy()
+                        p.grad = p.grad_home if p.grad_home is not None else numpy.empty_like(p.data)
+                        p.grad[...] = worker.grads.arrays[i]
                     else:
                         p.grad += worker.grads.arrays[i]
 
@@ -179,7 +183,8 @@ class DataParallel:
             for r, worker in enumerate(self._workers, start=1):
                 for n, a, b in stretch_pieces(sizes, cut[r], cut[r + 1]):
                     i, grad = numbers[n], ours[n][1]        # the worker's pieces of the gradients, shared
-                    self.grads.arrays[i].reshape(-1)[a:b] = grad.reshape(-1)[a:b]
+                    if grad is not self.grads.arrays[i]:    # (already, unless p.grad was replaced)
+                        self.grads.arrays[i].reshape(-1)[a:b] = grad.reshape(-1)[a:b]
                 worker.send(_COMMAND.pack(self._calls, _UPDATE, len(plan), cut[r], cut[r + 1], 0.0, 0), plan)
                 busy.append(worker)
             with threads.serial():
@@ -210,7 +215,9 @@ class DataParallel:
 
     # --- the workers ------------------------------------------------------------------------------
     def close(self):
-        """Stop the workers (they also stop when this process ends)."""
+        """Stop the workers (they also stop when this process ends); gradients go back to new arrays."""
+        for p in self.params:
+            p.grad_home = None
         if self._workers:
             self._finalizer()
 
@@ -328,6 +335,8 @@ class _Worker:
 def _serve(data_parallel, grads, given, commands, results):
     """A worker's loop: a command in, its work done, a result out, until the command pipe closes."""
     model, params = data_parallel.model, data_parallel.params
+    for p, home in zip(params, grads.arrays):          # backward writes the gradients into shared memory
+        p.grad_home = home
     while True:
         head = _read(commands, _COMMAND.size)
         if head is None:                               # the main process closed the pipe, or ended
@@ -345,9 +354,9 @@ def _serve(data_parallel, grads, given, commands, results):
                 loss = _part(model, ids[0], ids[1], grad_weight)
                 for i, (p, g) in enumerate(zip(params, grads.arrays)):
                     given[i] = p.grad is not None
-                    if p.grad is not None:
+                    if p.grad is not None and p.grad is not g:   # (in g already, unless p.grad was replaced)
                         numpy.copyto(g, p.grad)
-                        p.grad = None
+                    p.grad = None
             else:                                      # the elements b .. c of the plan's a parameters
                 plan = numpy.frombuffer(payload, dtype=numpy.float64).reshape(a, _PLAN_COLUMNS)
                 update_stretch(data_parallel._updates(plan), b, c)
