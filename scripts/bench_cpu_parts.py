@@ -27,6 +27,8 @@
 9. The "baby" step with the batch cut over two processes (tinyllm.data_parallel), phase by phase:
    this process's rows, the wait for the worker, adding its gradients, AdamW shared out over both
    processes against AdamW in this process; and one process alone on half the batch.
+10. A pipe's round trip to a process that waited 0.5 or 2 ms for it: asleep in a blocking read,
+   against polling first (tinyllm.data_parallel.POLL_SECONDS).
 Shapes are those of the "char" config of scripts/bench_cpu.py: B=8, T=256, C=384, 6 heads.
 Parts 1-3 and 5-7 report the best of several runs (ms; µs in parts 6 and 7), since they measure code, not the machine's noise;
 part 4 reports medians.
@@ -466,11 +468,55 @@ def part_data_parallel():
     print()
 
 
+def part_wake_up():
+    """A message to an idle process and its answer: the reader asleep in a read against polling first."""
+    from tinyllm import data_parallel
+    print("## 10. a pipe's round trip to a process idle for a while (tinyllm.data_parallel._read), median µs of 200")
+    commands, results = os.pipe(), os.pipe()
+    for fd in (commands[0], results[0]):
+        os.set_blocking(fd, False)
+    pid = os.fork()
+    if pid == 0:                                                # echo each byte, polling as told by its value
+        code = 1
+        try:
+            os.close(commands[1])                               # so that the parent's close ends the loop
+            while True:
+                got = data_parallel._read(commands[0], 1)
+                if got is None:
+                    code = 0
+                    break
+                data_parallel.POLL_SECONDS = got[0] * 1e-3
+                os.write(results[1], got)
+        finally:
+            os._exit(code)
+    line = []
+    for poll_ms in (0, 2):
+        data_parallel.POLL_SECONDS = poll_ms * 1e-3
+        for idle in (0.0005, 0.002):
+            times = []
+            for _ in range(200):
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < idle:          # this process busy, the other waiting
+                    pass
+                t0 = time.perf_counter()
+                os.write(commands[1], bytes([poll_ms]))
+                data_parallel._read(results[0], 1)
+                times.append(time.perf_counter() - t0)
+            line.append(f"{'polling for ' + str(poll_ms) + ' ms' if poll_ms else 'asleep in read'}, idle "
+                        f"{idle * 1e3:.1f} ms: {statistics.median(times) * 1e6:.1f}")
+    os.close(commands[1])
+    os.waitpid(pid, 0)
+    for fd in (commands[0], *results):
+        os.close(fd)
+    print("; ".join(line))
+    print()
+
+
 def main():
     backend.keep_freed_host_memory()   # as `tinyllm train`: freed arrays are reused, not faulted in again
     print(f"numpy {np.__version__}, {os.cpu_count()} CPUs, glibc keeps freed memory\n")
     parts = [part_threads, part_gelu_backward, part_attention, part_interference, part_softmax_shift,
-             part_short_rows, part_layers_vs_torch, part_handovers_and_adamw, part_data_parallel]
+             part_short_rows, part_layers_vs_torch, part_handovers_and_adamw, part_data_parallel, part_wake_up]
     chosen = [int(a) for a in sys.argv[1:]] or range(1, len(parts) + 1)
     for number in chosen:
         parts[number - 1]()

@@ -225,3 +225,27 @@ def test_a_dead_worker_is_reported(cores):
     with pytest.raises(RuntimeError, match=f"worker process {pid} died"):
         data_parallel.forward_backward(x, y)
     data_parallel.close()
+
+
+@pytest.mark.parametrize("poll_seconds", [0.0, 1.0])
+def test_reads_wait_for_late_data_and_see_a_closed_pipe(monkeypatch, poll_seconds):
+    """_read polls a non-blocking pipe for a while, then sleeps: either way it gets bytes written later,
+    in pieces, and None once the pipe closes."""
+    import threading
+
+    from tinyllm import data_parallel
+    monkeypatch.setattr(data_parallel, "POLL_SECONDS", poll_seconds)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+
+    def write_late():
+        for piece in (b"abc", b"defg"):
+            time.sleep(0.02)
+            os.write(write_end, piece)
+        os.close(write_end)
+    writer = threading.Thread(target=write_late)
+    writer.start()
+    assert data_parallel._read(read_end, 7) == b"abcdefg"
+    assert data_parallel._read(read_end, 1) is None
+    writer.join()
+    os.close(read_end)

@@ -37,8 +37,10 @@ must run on one thread); elsewhere get_num_threads() stays 1 and every call is a
 """
 import mmap
 import os
+import select
 import signal
 import struct
+import time
 import weakref
 
 import numpy
@@ -61,6 +63,11 @@ _PLAN_COLUMNS = 8                    # an _UPDATE plan row: parameter number, th
 # worker sees its command pipe close when the main process closes it
 _main_ends = set()
 _ERRORS = {e.__name__: e for e in (ValueError, IndexError, TypeError, MemoryError, FloatingPointError)}
+# A process asleep in a read takes about 0.1 ms to wake in a virtual machine (its idle core halts
+# until the host wakes it), against a few µs for one that keeps asking: so each side waiting for
+# the other asks for this long before it sleeps (part 10 of scripts/bench_cpu_parts.py). The
+# messages of one step come well within it; a longer wait (an evaluation, a checkpoint) sleeps.
+POLL_SECONDS = 0.002
 
 
 class DataParallel:
@@ -288,6 +295,8 @@ class _Worker:
         given = numpy.frombuffer(_shared_block(len(grads.arrays)), dtype=numpy.uint8)
         command_read, command_write = os.pipe()
         result_read, result_write = os.pipe()
+        for fd in (command_read, result_read):        # reads poll first (see _read)
+            os.set_blocking(fd, False)
         pid = os.fork()
         if pid == 0:                                   # the worker: serve until the main process goes
             code = 1
@@ -369,10 +378,18 @@ def _serve(data_parallel, grads, given, commands, results):
 
 
 def _read(fd, n):
-    """Exactly n bytes from a pipe, or None when it closed first."""
-    chunks = []
+    """Exactly n bytes from a pipe's non-blocking read end, or None when it closed first. Asks
+    again and again for POLL_SECONDS, then sleeps until the pipe has something."""
+    chunks, deadline = [], None
     while n:
-        chunk = os.read(fd, n)
+        try:
+            chunk = os.read(fd, n)
+        except BlockingIOError:                        # nothing there yet
+            now = time.perf_counter()
+            deadline = deadline or now + POLL_SECONDS
+            if now > deadline:
+                select.select([fd], [], [])
+            continue
         if not chunk:
             return None
         chunks.append(chunk)
