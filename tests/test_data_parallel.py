@@ -78,6 +78,27 @@ def test_ignored_targets_weigh_nothing(cores):
         assert all(not p.grad.any() for p in cut.parameters())
 
 
+@pytest.mark.parametrize("cores", [3], indirect=True)
+@pytest.mark.parametrize("ignored", [[2], [0, 1]])
+def test_parts_without_counted_targets_add_nothing(cores, ignored):
+    """Rows of a part that count no target: that process gives no gradient this call (a worker's
+    gradients of an earlier call are not added again); with this process's part among them, its
+    gradients come from the workers' alone."""
+    x, y = _batch(3)
+    model = _gpt()
+    with DataParallel(model) as data_parallel:
+        data_parallel.forward_backward(x, y)              # every process gives gradients once
+        model.zero_grad()
+        y = y.copy()
+        y[ignored] = -100
+        got = data_parallel.forward_backward(x, y)
+    reference = _gpt()
+    _, loss = reference(x, y)
+    loss.backward()
+    assert float(got) == pytest.approx(loss.item(), rel=1e-12)
+    _assert_same_grads(reference, model)
+
+
 def test_gradients_add_to_what_is_there(cores):
     """As backward() does: a second micro-batch adds to the gradients of the first."""
     x, y = _batch(4)
