@@ -25,8 +25,10 @@
    backward in row blocks (F.ELEMENTWISE_BLOCK) against all rows at once; AdamW's update in blocks
    of optim.UPDATE_BLOCK elements against whole parameters; "baby" and "char".
 9. The "baby" step with the batch cut over two processes (tinyllm.data_parallel), phase by phase:
-   this process's rows, the wait for the worker, adding its gradients, AdamW shared out over both
-   processes against AdamW in this process; and one process alone on half the batch.
+   this process's rows, then the wait for the worker and the adding of its gradients, with the
+   worker adding them during this process's backward (DataParallel's overlap) or this process
+   after it; AdamW shared out over both processes against AdamW in this process; and one process
+   alone on half the batch.
 10. A pipe's round trip to a process that waited 0.5 or 2 ms for it: asleep in a blocking read,
    against polling first (tinyllm.data_parallel.POLL_SECONDS).
 Shapes are those of the "char" config of scripts/bench_cpu.py: B=8, T=256, C=384, 6 heads.
@@ -420,7 +422,7 @@ def part_data_parallel():
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_cpu
     from tinyllm import data_parallel
-    print("## 9. baby step over two processes (tinyllm.data_parallel), median ms of 40 steps")
+    print("## 9. baby step over two processes (tinyllm.data_parallel), median ms of 200 steps")
     cfg = bench_cpu.CONFIGS["baby"]
     x, y = bench_cpu.make_batch(cfg)
     half = dict(cfg, batch_size=cfg["batch_size"] // 2)
@@ -435,36 +437,46 @@ def part_data_parallel():
             alone.append(time.perf_counter() - t0)
             model.zero_grad()
     model, optimizer = bench_cpu.build_tinyllm(cfg)
-    times = {"this process's rows": [], "waiting for the worker": [], "adding its gradients": []}
+    ends = []                                                   # when this process's rows were done
+    part = data_parallel._part
 
-    def timed(key, fn):
-        def wrapper(*args):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                times[key].append(time.perf_counter() - t0)
-        return wrapper
-    parts = (data_parallel._part, data_parallel._Worker.receive, data_parallel.DataParallel._add_up)
-    with data_parallel.DataParallel(model) as dp:              # forked before the timers go in
-        data_parallel._part = timed("this process's rows", parts[0])
-        data_parallel._Worker.receive = timed("waiting for the worker", parts[1])
-        data_parallel.DataParallel._add_up = timed("adding its gradients", parts[2])
+    def timed_part(*args):
         try:
-            steps = {"DataParallel.step (AdamW on both)": [], "optimizer.step (AdamW here)": []}
-            for i in range(80):                                 # the two ways of stepping alternate
-                dp.forward_backward(x, y)
-                key = list(steps)[i % 2]
-                t0 = time.perf_counter()
-                dp.step(optimizer) if i % 2 == 0 else optimizer.step()
-                steps[key].append(time.perf_counter() - t0)
-                optimizer.zero_grad()
+            return part(*args)
         finally:
-            data_parallel._part, data_parallel._Worker.receive, data_parallel.DataParallel._add_up = parts
+            ends.append(time.perf_counter())
+    ways = {True: "the worker adds its gradients during this process's backward (overlap)",
+            False: "this process adds them after its backward"}
+    times = {overlap: {"this process's rows": [], "then until forward_backward returns": [], "whole step": []}
+             for overlap in ways}
+    steps = {"DataParallel.step (AdamW on both)": [], "optimizer.step (AdamW here)": []}
+    with data_parallel.DataParallel(model) as dp:              # forked before the timer goes in
+        data_parallel._part = timed_part
+        try:
+            for i in range(800):                                # the ways alternate by pairs of steps
+                dp.overlap = (i // 2) % 2 == 0
+                t0 = time.perf_counter()
+                dp.forward_backward(x, y)
+                t1 = time.perf_counter()
+                key = list(steps)[(i // 4) % 2]                 # and the two ways of stepping by fours
+                dp.step(optimizer) if key.startswith("Data") else optimizer.step()
+                t2 = time.perf_counter()
+                optimizer.zero_grad()
+                if i % 2 and i >= 40:                           # the second step of each pair
+                    row = times[dp.overlap]
+                    row["this process's rows"].append(ends[-1] - t0)
+                    row["then until forward_backward returns"].append(t1 - ends[-1])
+                    steps[key].append(t2 - t1)
+                    if key.startswith("Data"):
+                        row["whole step"].append(t2 - t0)
+        finally:
+            data_parallel._part = part
     threads.set_num_threads(1)
-    med = lambda ts: statistics.median(ts[5:]) * 1e3          # noqa: E731
+    med = lambda ts: statistics.median(ts) * 1e3              # noqa: E731
     print(f"one process alone, forward + backward of {half['batch_size']} rows: {med(alone):.2f}")
-    print(", ".join(f"{key} {med(ts):.2f}" for key, ts in {**times, **steps}.items()))
+    for overlap, name in ways.items():
+        print(f"{name}: " + ", ".join(f"{key} {med(ts):.2f}" for key, ts in times[overlap].items()))
+    print(", ".join(f"{key} {med(ts):.2f}" for key, ts in steps.items()))
     print()
 
 

@@ -100,6 +100,24 @@ def test_first_gradient_goes_into_grad_home():
     assert y.grad is not home and y.grad_home is None
 
 
+def test_post_accumulate_grad_hook_sees_each_leaf_gradient_once_complete():
+    """As PyTorch's: called once per backward, after every path's gradient has been added (x is used
+    twice here), with the tensor; a removed hook is not called again."""
+    x = tl.tensor([1.0, 2.0], requires_grad=True)
+    seen = []
+    handle = x.register_post_accumulate_grad_hook(lambda t: seen.append((t, t.grad.copy())))
+    (x * x + x * 3).sum().backward()                    # d/dx = 2x + 3
+    assert len(seen) == 1 and seen[0][0] is x
+    np.testing.assert_allclose(seen[0][1], [5.0, 7.0])
+    (x * 2).sum().backward()                           # accumulated: 5 + 2, 7 + 2
+    np.testing.assert_allclose(seen[1][1], [7.0, 9.0])
+    handle.remove()
+    (x * 2).sum().backward()
+    assert len(seen) == 2
+    with pytest.raises(RuntimeError, match="leaf"):
+        (x * 2).register_post_accumulate_grad_hook(print)
+
+
 def test_intermediate_grads_freed_unless_retained():
     x = tl.tensor([1.0, 2.0], requires_grad=True)
     h = x * 2

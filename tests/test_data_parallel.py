@@ -47,12 +47,13 @@ def _assert_same_grads(model, other, rtol=1e-10):
 
 @pytest.mark.parametrize("cores", [2, 3], indirect=True)
 @pytest.mark.parametrize("rows", [2, 3, 5])       # 3 and 5: parts of different sizes weigh differently
-def test_cut_batch_gives_the_whole_batch_loss_and_gradients(cores, rows):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_cut_batch_gives_the_whole_batch_loss_and_gradients(cores, rows, overlap):
     x, y = _batch(rows)
     whole, cut = _gpt(), _gpt()
     _, loss = whole(x, y)
     (loss * 0.5).backward()
-    with DataParallel(cut) as data_parallel:
+    with DataParallel(cut, overlap=overlap) as data_parallel:
         assert len(data_parallel.worker_pids) == cores - 1
         got = data_parallel.forward_backward(x, y, scale=0.5)
     assert got.dtype == np.float64 and float(got) == pytest.approx(loss.item(), rel=1e-12)
@@ -79,7 +80,7 @@ def test_ignored_targets_weigh_nothing(cores):
 
 
 @pytest.mark.parametrize("cores", [3], indirect=True)
-@pytest.mark.parametrize("ignored", [[2], [0, 1]])
+@pytest.mark.parametrize("ignored", [[2], [1], [0, 1]])
 def test_parts_without_counted_targets_add_nothing(cores, ignored):
     """Rows of a part that count no target: that process gives no gradient this call (a worker's
     gradients of an earlier call are not added again); with this process's part among them, its
@@ -99,16 +100,33 @@ def test_parts_without_counted_targets_add_nothing(cores, ignored):
     _assert_same_grads(reference, model)
 
 
-def test_gradients_add_to_what_is_there(cores):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_gradients_add_to_what_is_there(cores, overlap):
     """As backward() does: a second micro-batch adds to the gradients of the first."""
     x, y = _batch(4)
     whole, cut = _gpt(), _gpt()
-    with DataParallel(cut) as data_parallel:
+    with DataParallel(cut, overlap=overlap) as data_parallel:
         for rows in (slice(0, 2), slice(2, 4)):
             _, loss = whole(x[rows], y[rows])
             loss.backward()
             data_parallel.forward_backward(x[rows], y[rows])
     _assert_same_grads(whole, cut)
+
+
+def test_gradients_in_arrays_of_their_own_are_added_to(cores):
+    """A .grad the caller put there (not in shared memory) stays that array and gets the sum."""
+    x, y = _batch(4)
+    whole, cut = _gpt(), _gpt()
+    _, loss = whole(x, y)
+    loss.backward()
+    own = [np.ones_like(p.data) for p in cut.parameters()]
+    for p, g in zip(cut.parameters(), own):
+        p.grad = g
+    with DataParallel(cut) as data_parallel:
+        data_parallel.forward_backward(x, y)
+    assert all(p.grad is g for p, g in zip(cut.parameters(), own))
+    for (name, p), q in zip(whole.named_parameters(), cut.parameters()):
+        np.testing.assert_allclose(q.grad, p.grad + 1, rtol=1e-10, err_msg=name)
 
 
 def test_shared_step_matches_adamw_step(cores):
@@ -221,6 +239,7 @@ def test_gradients_are_written_into_shared_memory(cores):
     data_parallel.forward_backward(x, y)
     assert all(p.grad is home for p, home in zip(model.parameters(), data_parallel.grads.arrays))
     data_parallel.close()
+    assert all(not p._grad_hooks for p in model.parameters())   # close() took its hooks off
     model.zero_grad()
     _, loss = model(x, y)
     loss.backward()

@@ -157,6 +157,7 @@ class Tensor:
     # An array of the tensor's shape and dtype that backward copies its first gradient into, instead
     # of a new one: tinyllm.data_parallel keeps the gradients in memory its processes share.
     grad_home = None
+    _grad_hooks = ()  # register_post_accumulate_grad_hook's functions
 
     def __init__(self, data, requires_grad=False):
         if requires_grad and data.dtype.kind not in "fc":
@@ -224,6 +225,26 @@ class Tensor:
         """Accumulate d(self)/d(leaf) · grad into every leaf's .grad (grad defaults to 1 for a scalar)."""
         backward(self, grad, retain_graph)
 
+    def register_post_accumulate_grad_hook(self, hook):
+        """Call hook(self) whenever a backward has added this leaf's gradient into .grad (the leaf's
+        gradient for that backward is then complete), as PyTorch's method of this name. Returns a
+        handle whose .remove() takes the hook off again."""
+        if self._ctx is not None:
+            raise RuntimeError("post-accumulate-grad hooks are for leaf tensors (parameters, inputs); "
+                               "this tensor was made by an op")
+        self._grad_hooks = self._grad_hooks + (hook,)
+        return _HookHandle(self, hook)
+
+
+class _HookHandle:
+    """What register_post_accumulate_grad_hook returns: .remove() unregisters the hook."""
+
+    def __init__(self, tensor, hook):
+        self.tensor, self.hook = tensor, hook
+
+    def remove(self):
+        self.tensor._grad_hooks = tuple(h for h in self.tensor._grad_hooks if h is not self.hook)
+
 
 def backward(root, grad=None, retain_graph=False):
     """Reverse-mode autodiff from `root`: the engine in one loop."""
@@ -249,6 +270,8 @@ def backward(root, grad=None, retain_graph=False):
             continue
         if isinstance(node, Tensor):  # a leaf: its gradient is complete
             _accumulate(node, g)
+            for hook in node._grad_hooks:
+                hook(node)
             continue
         fn = node
         if fn._retained is not None and fn._retained() is not None:  # the user asked to keep this grad

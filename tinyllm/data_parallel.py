@@ -53,9 +53,12 @@ from tinyllm.optim import AdamW, stretch_pieces, update_all, update_stretch
 __all__ = ["DataParallel"]
 
 IGNORE_INDEX = -100                  # F.cross_entropy's default, which GPT.forward uses
-_FORWARD_BACKWARD, _UPDATE = 0, 1    # what a command asks of a worker
-# call number, kind, then for _FORWARD_BACKWARD: rows, positions per row, loss weight, dropout seed
-# (−1: none); for _UPDATE: parameters in the plan, first and last element of the stretch, 0.0, 0
+_FORWARD_BACKWARD, _GRADIENT, _UPDATE = 0, 1, 2    # what a command asks of a worker
+# call number, kind, then for _FORWARD_BACKWARD: rows, positions per row, the next worker in the
+# chain (or _LAST, or _NO_CHAIN), loss weight, dropout seed (−1: none); for _GRADIENT: the parameter
+# whose gradient this process completed (or _END), 0, 0, 0.0, 0; for _UPDATE: parameters in the
+# plan, first and last element of the stretch, 0.0, 0
+_LAST, _NO_CHAIN, _END = -1, -2, -1
 _COMMAND = struct.Struct("<qqqqqdq")
 _RESULT = struct.Struct("<qdBI")     # call number, loss, failed (0/1), length of the message after it
 _PLAN_COLUMNS = 8                    # an _UPDATE plan row: parameter number, then AdamW's 7 hyperparameters
@@ -81,10 +84,14 @@ class DataParallel:
     The model's Parameter objects must stay the ones it had here; their arrays may be replaced (as
     `load_state_dict` does): the next call copies them into the shared memory. `close()` (or leaving
     a `with` block, or the end of the process) stops the workers.
+
+    overlap: the workers add their gradients into this process's while its backward still runs,
+    each parameter's as soon as this process has completed it (True), or this process adds them
+    all after its backward (False; scripts/bench_cpu_parts.py times the two).
     """
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, overlap=True):
+        self.model, self.overlap = model, overlap
         self.params = model.parameters()
         self.has_dropout = any(isinstance(m, Dropout) and m.p > 0 for _, m in model.named_modules())
         self._calls = 0
@@ -106,9 +113,20 @@ class DataParallel:
         for p, home in zip(self.params, self.grads.arrays):  # and their gradients are written into it
             p.grad_home = home
         self._number = {id(a): i for i, a in enumerate(self.weights.arrays)}
-        for _ in range(n - 1):
-            self._workers.append(_Worker.start(self, shared()))
+        pipes = [(os.pipe(), os.pipe()) for _ in range(n - 1)]    # each worker's commands and results
+        for number in range(n - 1):
+            self._workers.append(_Worker.start(self, number, shared(), pipes))
+        for (command_read, _), (_, result_write) in pipes:          # the workers' ends
+            os.close(command_read)
+            os.close(result_write)
+        for worker in self._workers:
+            _main_ends.update((worker.commands, worker.results))
         self._finalizer = weakref.finalize(self, _stop, self._workers)
+        self._chain = None                  # during forward_backward: the first worker of the chain
+        self._sent = set()                  # the parameters whose gradients went down the chain
+        ref = weakref.ref(self)             # (hooks holding self would keep it, and its workers, alive)
+        self._hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: _gradient_done(ref, i))
+                       for i, p in enumerate(self.params)]
 
     @property
     def worker_pids(self):
@@ -133,29 +151,43 @@ class DataParallel:
         weights = [c_r / sum(c) for c_r in c]
         self.weights.adopt(self.params, "data")          # arrays replaced since (load_state_dict) come back
         self._calls += 1
-        busy, losses = [], []
+        busy = [(worker, weights[r]) for r, worker in enumerate(self._workers[:k - 1], start=1)
+                if weights[r] > 0]                 # a part without a counted target adds nothing
+        losses, self._sent, asked = [], set(), []
         try:
-            for r, worker in enumerate(self._workers[:k - 1], start=1):
-                if weights[r] > 0:                 # a part without a counted target adds nothing
-                    seed = int(rng.host().integers(2**62)) if self.has_dropout else -1
-                    rows = slice(cut[r], cut[r + 1])
-                    worker.send(_COMMAND.pack(self._calls, _FORWARD_BACKWARD, *idx[rows].shape, 0,
-                                              weights[r] * scale, seed), idx[rows], targets[rows])
-                    busy.append((worker, weights[r]))
+            for j, (worker, weight) in enumerate(busy):
+                seed = int(rng.host().integers(2**62)) if self.has_dropout else -1
+                after = (busy[j + 1][0].number if j + 1 < len(busy) else _LAST) if self.overlap else _NO_CHAIN
+                rows = slice(cut[worker.number + 1], cut[worker.number + 2])
+                worker.send(_COMMAND.pack(self._calls, _FORWARD_BACKWARD, *idx[rows].shape, after, weight * scale,
+                                          seed), idx[rows], targets[rows])
+                asked.append(worker)
+                if self.overlap:                   # from now on, each gradient completed here goes down the chain
+                    self._chain = busy[0][0]
             if weights[0] > 0:
                 with threads.serial():            # the other cores are the workers'
                     losses.append(weights[0] * _part(self.model, idx[:cut[1]], targets[:cut[1]], weights[0] * scale))
-        finally:
-            results = [worker.receive(self._calls) for worker, _ in busy]   # always, even after an error here
-        self._add_up([worker for worker, _ in busy])
+        finally:                                   # always, even after an error here:
+            chain, self._chain = self._chain, None
+            if chain is not None:                  # the end of this process's backward, down the chain
+                chain.send(_COMMAND.pack(self._calls, _GRADIENT, _END, 0, 0, 0.0, 0))
+            results = [worker.receive(self._calls) for worker in asked]
+        self._add_up([worker for worker, _ in busy], [i for i in range(len(self.params)) if i not in self._sent])
         losses += [weight * loss for (_, weight), loss in zip(busy, results)]
         return numpy.asarray(sum(losses), dtype=dtype)
 
-    def _add_up(self, workers):
-        """p.grad += each worker's gradient (a copy of it when p has none yet), in place: p.grad was
-        just written by this process's backward and is still in its cache. On this one thread: the
-        threads' hand-overs cost more than they save here (docs/training.md)."""
-        for i, p in enumerate(self.params):
+    def _send_gradient(self, i):
+        """This process's backward completed parameter i's gradient: down the chain of workers with
+        it, if it is in shared memory, where each worker adds its own (see _serve)."""
+        if self._chain is not None and self.params[i].grad is self.grads.arrays[i]:
+            self._chain.send(_COMMAND.pack(self._calls, _GRADIENT, i, 0, 0, 0.0, 0))
+            self._sent.add(i)
+
+    def _add_up(self, workers, numbers):
+        """p.grad += each worker's gradient (a copy of it when p has none yet) for the parameters
+        numbered here, those that did not go down the chain: all in this process."""
+        for i in numbers:
+            p = self.params[i]
             for worker in workers:
                 if worker.given[i]:
                     if p.grad is None:
@@ -174,8 +206,9 @@ class DataParallel:
         numbers = [self._number.get(id(data)) for data, *_ in updates]
         if None in numbers:
             return update_all(updates)                      # not all in shared memory: update them here
-        self._share_moments(optimizer)
         m, v = self.moments
+        if any(m_i is not m.arrays[i] or v_i is not v.arrays[i] for i, (_, _, m_i, v_i, _) in zip(numbers, updates)):
+            self._share_moments(optimizer)                  # new states, or states loaded since
         # contiguous gradients, so that this process cuts the parameters where the workers do
         ours = [(self.weights.arrays[i], numpy.ascontiguousarray(grad), m.arrays[i], v.arrays[i], hyper)
                 for i, (_, grad, _, _, hyper) in zip(numbers, updates)]
@@ -225,6 +258,8 @@ class DataParallel:
         """Stop the workers (they also stop when this process ends); gradients go back to new arrays."""
         for p in self.params:
             p.grad_home = None
+        for hook in getattr(self, "_hooks", ()):
+            hook.remove()
         if self._workers:
             self._finalizer()
 
@@ -283,37 +318,40 @@ class _SharedArrays:
 
 
 class _Worker:
-    """One forked worker process, this process's ends of its two pipes, its gradient arrays, and a
-    flag per parameter in shared memory (`given`: the worker's part gave that parameter a gradient)."""
+    """One forked worker process: its number, this process's ends of its two pipes, its gradient
+    arrays, and a flag per parameter in shared memory (`given`: its part gave that parameter a gradient)."""
 
-    def __init__(self, pid, commands, results, grads, given):
-        self.pid, self.commands, self.results, self.grads, self.given = pid, commands, results, grads, given
+    def __init__(self, number, pid, commands, results, grads, given):
+        self.number, self.pid, self.commands, self.results = number, pid, commands, results
+        self.grads, self.given = grads, given
 
     @classmethod
-    def start(cls, data_parallel, grads):
-        """Fork a worker that serves data_parallel's model, its gradients written into grads."""
+    def start(cls, data_parallel, number, grads, pipes):
+        """Fork worker `number` to serve data_parallel's model, its gradients written into grads.
+        pipes: every worker's ((command read, write), (result read, write)), made before any fork."""
         given = numpy.frombuffer(_shared_block(len(grads.arrays)), dtype=numpy.uint8)
-        command_read, command_write = os.pipe()
-        result_read, result_write = os.pipe()
+        (command_read, command_write), (result_read, result_write) = pipes[number]
         for fd in (command_read, result_read):        # reads poll first (see _read)
             os.set_blocking(fd, False)
         pid = os.fork()
         if pid == 0:                                   # the worker: serve until the main process goes
             code = 1
             try:
-                os.close(command_write)
-                os.close(result_read)
-                for fd in _main_ends:                  # other workers' pipes: those must close when the main
-                    os.close(fd)                       # process closes them
+                # it keeps its command reads and result writes, and the command writes of the workers
+                # after it (it passes gradients on to them); its own command pipe then closes once the
+                # main process and the workers before it have closed theirs
+                later = {n: commands[1] for n, (commands, _) in enumerate(pipes) if n > number}
+                keep = {command_read, result_write, *later.values()}
+                for fd in {fd for commands, results in pipes for fd in commands + results} - keep:
+                    os.close(fd)
+                for fd in _main_ends:                  # earlier DataParallel's pipes: those must close when
+                    os.close(fd)                       # the main process closes them
                 signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is for the main process to handle
-                _serve(data_parallel, grads, given, command_read, result_write)
+                _serve(data_parallel, grads, given, command_read, result_write, later)
                 code = 0
             finally:
                 os._exit(code)                         # never return into the main process's code
-        os.close(command_read)
-        os.close(result_write)
-        _main_ends.update((command_write, result_read))
-        return cls(pid, command_write, result_read, grads, given)
+        return cls(number, pid, command_write, result_read, grads, given)
 
     def send(self, header, *arrays):
         try:
@@ -341,40 +379,81 @@ class _Worker:
                             "(--threads 1) or cut the layers instead (--parallel layers)")
 
 
-def _serve(data_parallel, grads, given, commands, results):
-    """A worker's loop: a command in, its work done, a result out, until the command pipe closes."""
-    model, params = data_parallel.model, data_parallel.params
+def _serve(data_parallel, grads, given, commands, results, later):
+    """A worker's loop: a command in, its work done, a result out, until the command pipe closes.
+
+    A forward-backward's result waits for the end of the main process's backward, and of the chain:
+    each parameter whose gradient the main process has completed comes down it (a _GRADIENT
+    command), and this worker adds its own gradient of that parameter into the main process's
+    (shared) one, then passes the command on to the next worker in the chain (`later` maps each
+    later worker's number to its command pipe). The end of the backward (parameter −1) comes last.
+    """
+    model, params, homes = data_parallel.model, data_parallel.params, data_parallel.grads.arrays
     for p, home in zip(params, grads.arrays):          # backward writes the gradients into shared memory
-        p.grad_home = home
+        p.grad, p.grad_home = None, home               # (not on the main process's, copied by the fork)
+
+    def forward_backward(ids, grad_weight, seed):
+        try:
+            if seed >= 0:
+                rng.manual_seed(seed)                  # this call's dropout masks
+            loss = _part(model, ids[0], ids[1], grad_weight)
+        except Exception:
+            given[:] = 0                               # nothing to add
+            for p in params:
+                p.grad = None
+            raise
+        for i, (p, g) in enumerate(zip(params, grads.arrays)):
+            given[i] = p.grad is not None
+            if p.grad is not None and p.grad is not g:   # (in g already, unless p.grad was replaced)
+                numpy.copyto(g, p.grad)
+            p.grad = None
+        return loss
+
+    waiting = None          # after a forward-backward: (its call, its result, the next worker's pipe or None)
     while True:
         head = _read(commands, _COMMAND.size)
         if head is None:                               # the main process closed the pipe, or ended
             return
         call, kind, a, b, c, grad_weight, seed = _COMMAND.unpack(head)
-        payload = _read(commands, 2 * a * b * 8 if kind == _FORWARD_BACKWARD else a * _PLAN_COLUMNS * 8)
+        payload = _read(commands, {_FORWARD_BACKWARD: 2 * a * b * 8, _GRADIENT: 0, _UPDATE: a * _PLAN_COLUMNS * 8}[kind])
         if payload is None:
             return
-        loss = 0.0
-        try:
-            if kind == _FORWARD_BACKWARD:              # a rows of b positions: ids, then targets
-                ids = numpy.frombuffer(payload, dtype=numpy.int64).reshape(2, a, b)
-                if seed >= 0:
-                    rng.manual_seed(seed)              # this call's dropout masks
-                loss = _part(model, ids[0], ids[1], grad_weight)
-                for i, (p, g) in enumerate(zip(params, grads.arrays)):
-                    given[i] = p.grad is not None
-                    if p.grad is not None and p.grad is not g:   # (in g already, unless p.grad was replaced)
-                        numpy.copyto(g, p.grad)
-                    p.grad = None
-            else:                                      # the elements b .. c of the plan's a parameters
-                plan = numpy.frombuffer(payload, dtype=numpy.float64).reshape(a, _PLAN_COLUMNS)
-                update_stretch(data_parallel._updates(plan), b, c)
-            _write(results, _RESULT.pack(call, loss, 0, 0))
-        except Exception as e:                         # reported to the main process, which raises it
-            for p in params:
-                p.grad = None
-            message = f"{type(e).__name__}: {e}".encode("utf-8")
-            _write(results, _RESULT.pack(call, numpy.nan, 1, len(message)) + message)
+        if kind == _FORWARD_BACKWARD:                  # a rows of b positions: ids, then targets
+            ids = numpy.frombuffer(payload, dtype=numpy.int64).reshape(2, a, b)
+            result = _outcome(call, lambda: forward_backward(ids, grad_weight, seed))
+            if c == _NO_CHAIN:
+                _write(results, result)
+            else:
+                waiting = (call, result, later.get(c))
+        elif kind == _GRADIENT:                        # the main process's gradient a is complete
+            if waiting is None or waiting[0] != call:
+                continue                               # left by an interrupted call
+            if a != _END and given[a]:
+                homes[a] += grads.arrays[a]
+            if waiting[2] is not None:
+                _write(waiting[2], head)
+            if a == _END:                              # every gradient of this call is added
+                _write(results, waiting[1])
+                waiting = None
+        else:                                          # the elements b .. c of the plan's a parameters
+            plan = numpy.frombuffer(payload, dtype=numpy.float64).reshape(a, _PLAN_COLUMNS)
+            _write(results, _outcome(call, lambda: update_stretch(data_parallel._updates(plan), b, c) or 0.0))
+
+
+def _outcome(call, work):
+    """The result message of work() (which returns a loss): the loss, or the error it raised."""
+    try:
+        return _RESULT.pack(call, work(), 0, 0)
+    except Exception as e:                             # reported to the main process, which raises it
+        message = f"{type(e).__name__}: {e}".encode("utf-8")
+        return _RESULT.pack(call, numpy.nan, 1, len(message)) + message
+
+
+def _gradient_done(ref, i):
+    """Parameter i's post-accumulate-grad hook in the main process: tell the DataParallel (if any still)."""
+    data_parallel = ref()
+    if data_parallel is not None:
+        data_parallel._send_gradient(i)
 
 
 def _read(fd, n):
