@@ -16,6 +16,7 @@ Performance notes (all of them keep the code readable):
 - matrix products are 2-D GEMMs (linear) or plain batched matmuls (attention);
 - on the CPU, the heavy ops cut their rows over tinyllm.threads (one call when there is one thread).
 """
+import functools
 import math
 
 import numpy
@@ -682,6 +683,16 @@ def _causal_bias(xp, T, S, dtype):
     return bias
 
 
+@functools.lru_cache(maxsize=16)
+def _group_causal_bias(xp, T, S, G, dtype):
+    """_causal_bias repeated for the G query heads of a group, (G·T, S), made once per shape and
+    kept (read only): making it anew took 7.9 µs per "baby" layer (4 per step, forward), 0.24 µs kept."""
+    bias = xp.tile(_causal_bias(xp, T, S, dtype), (G, 1))
+    if xp is numpy:
+        bias.flags.writeable = False
+    return bias
+
+
 # Causal attention cuts its queries in two halves once T reaches this: the first half sees only the
 # first half of the keys, so a quarter of the score matrix is never computed (at T = 256 the attention
 # of a "char" benchmark step, forward and backward, went from 158 to 134 ms on one thread).
@@ -742,7 +753,7 @@ class ScaledDotProductAttention(Function):
             # shift of the softmax (see _exp_rows), for D numbers per key instead of s1 per query
             kcT = _centred_keys_transposed(self.k[bs, :, :s1])  # (b, Hkv, D, s1), maybe a transposed view
             # row g·Tb + i of a group is query r0 + i of head g: the (Tb, s1) mask repeats G times
-            mask = xp.tile(_causal_bias(xp, Tb, s1, P.dtype), (G, 1)) if self.causal else None
+            mask = _group_causal_bias(xp, Tb, s1, G, P.dtype) if self.causal else None
             _, Z = _exp_rows(P, lambda out: xp.matmul(qb, kcT, out=out), mask)  # (b, Hkv, G·Tb, s1)
             P *= 1.0 / Z                                     # softmax over keys, in place: probabilities
             _matmul_into_group_rows(P, self.v[bs, :, :s1], y[:, :, :, r0:r1])    # y rows = P v
