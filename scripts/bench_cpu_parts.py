@@ -27,8 +27,8 @@
 9. The "baby" step with the batch cut over two processes (tinyllm.data_parallel), phase by phase:
    this process's rows, then the wait for the worker and the adding of its gradients, with the
    worker adding them during this process's backward (DataParallel's overlap) or this process
-   after it; AdamW shared out over both processes against AdamW in this process; and one process
-   alone on half the batch.
+   after it; AdamW shared out over both processes (the shared blocks updated whole, or parameter by
+   parameter) against AdamW in this process; and one process alone on half the batch.
 10. A pipe's round trip to a process that waited 0.5 or 2 ms for it: asleep in a blocking read,
    against polling first (tinyllm.data_parallel.POLL_SECONDS).
 Shapes are those of the "char" config of scripts/bench_cpu.py: B=8, T=256, C=384, 6 heads.
@@ -422,7 +422,7 @@ def part_data_parallel():
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_cpu
     from tinyllm import data_parallel
-    print("## 9. baby step over two processes (tinyllm.data_parallel), median ms of 200 steps")
+    print("## 9. baby step over two processes (tinyllm.data_parallel), medians in ms (of 190-290 steps each)")
     cfg = bench_cpu.CONFIGS["baby"]
     x, y = bench_cpu.make_batch(cfg)
     half = dict(cfg, batch_size=cfg["batch_size"] // 2)
@@ -449,16 +449,18 @@ def part_data_parallel():
             False: "this process adds them after its backward"}
     times = {overlap: {"this process's rows": [], "then until forward_backward returns": [], "whole step": []}
              for overlap in ways}
-    steps = {"DataParallel.step (AdamW on both)": [], "optimizer.step (AdamW here)": []}
+    steps = {"DataParallel.step (AdamW on both, the shared blocks whole)": [],
+             "DataParallel.step (AdamW on both, parameter by parameter)": [], "optimizer.step (AdamW here)": []}
     with data_parallel.DataParallel(model) as dp:              # forked before the timer goes in
         data_parallel._part = timed_part
         try:
-            for i in range(800):                                # the ways alternate by pairs of steps
+            for i in range(1200):                               # the ways alternate by pairs of steps
                 dp.overlap = (i // 2) % 2 == 0
                 t0 = time.perf_counter()
                 dp.forward_backward(x, y)
                 t1 = time.perf_counter()
-                key = list(steps)[(i // 4) % 2]                 # and the two ways of stepping by fours
+                key = list(steps)[(i // 4) % 3]                 # and the three ways of stepping by fours
+                dp.whole_blocks = "whole" in key
                 dp.step(optimizer) if key.startswith("Data") else optimizer.step()
                 t2 = time.perf_counter()
                 optimizer.zero_grad()
@@ -467,7 +469,7 @@ def part_data_parallel():
                     row["this process's rows"].append(ends[-1] - t0)
                     row["then until forward_backward returns"].append(t1 - ends[-1])
                     steps[key].append(t2 - t1)
-                    if key.startswith("Data"):
+                    if "whole" in key:
                         row["whole step"].append(t2 - t0)
         finally:
             data_parallel._part = part

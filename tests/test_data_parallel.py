@@ -151,6 +151,34 @@ def test_shared_step_matches_adamw_step(cores):
             np.testing.assert_allclose(shared_opt.state[i][name], state[name], rtol=1e-10, atol=1e-15)
 
 
+@pytest.mark.parametrize("lrs, whole", [((1e-2, 1e-2), True), ((1e-2, 3e-3), False)])
+def test_shared_step_is_adamw_step_bit_for_bit(cores, lrs, whole, monkeypatch):
+    """float32, the gradients given: the shared step writes exactly AdamW's numbers, with the blocks
+    updated whole (the groups differ only in weight decay) or parameter by parameter (they do not)."""
+    plain, shared = _gpt("float32"), _gpt("float32")
+    plain_opt, shared_opt = (m.configure_optimizers(0.1, lrs[0], (0.9, 0.95)) for m in (plain, shared))
+    for optimizer in (plain_opt, shared_opt):
+        optimizer.param_groups[1]["lr"] = lrs[1]
+    r = np.random.default_rng(3)
+    with DataParallel(shared) as data_parallel:
+        calls = []
+        update_whole = DataParallel._update_whole
+        monkeypatch.setattr(DataParallel, "_update_whole", lambda *a: calls.append(1) or update_whole(*a))
+        for _ in range(2):
+            for i, (p, q) in enumerate(zip(plain.parameters(), shared.parameters())):
+                p.grad = r.standard_normal(p.shape).astype("float32")
+                q.grad = data_parallel.grads.arrays[i]       # where backward would have written it
+                q.grad[...] = p.grad
+            plain_opt.step()
+            data_parallel.step(shared_opt)
+        assert bool(calls) == whole
+    for (name, p), q in zip(plain.named_parameters(), shared.parameters()):
+        np.testing.assert_array_equal(q.data, p.data, err_msg=name)
+    for i, state in plain_opt.state.items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            np.testing.assert_array_equal(shared_opt.state[i][name], state[name])
+
+
 def test_replaced_arrays_come_back_into_shared_memory(cores):
     """load_state_dict replaces the weights' and the moments' arrays: the next calls use the new values."""
     x, y = _batch(4)

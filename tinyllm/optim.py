@@ -306,11 +306,16 @@ def update_stretch(updates, i, j):
         data, grad, m, v, hyper = updates[n]
         arrays = (data, grad, m, v)
         if all(x.flags.c_contiguous for x in arrays):
-            flat = [x.reshape(-1) for x in arrays]
-            for c, e in threads.blocks(a, b, UPDATE_BLOCK):   # blocks that stay in cache over the passes
-                _adamw_update(*(x[c:e] for x in flat), *hyper)
+            update_span([x.reshape(-1) for x in arrays], a, b, hyper)
         elif a == 0:
             _adamw_update(*arrays, *hyper)
+
+
+def update_span(arrays, i, j, hyper):
+    """AdamW on the elements i .. j of flat arrays (data, grad, exp_avg, exp_avg_sq), hyperparameters
+    as AdamW.updates() gives them, in blocks that stay in cache over the update's passes."""
+    for c, e in threads.blocks(i, j, UPDATE_BLOCK):
+        _adamw_update(*(x[c:e] for x in arrays), *hyper)
 
 
 def stretch_pieces(sizes, i, j):
