@@ -12,7 +12,8 @@ memory:
 - `forward_backward`: each worker reads its rows of the batch from a pipe, runs forward and
   backward, its gradients written straight into shared memory of its own (each Parameter's
   `grad_home`, see tinyllm.autograd); meanwhile this process runs the first rows, its own
-  gradients going into shared memory too, then adds the workers' gradients into them;
+  gradients going into shared memory too, and as each of them is complete (a post-accumulate-grad
+  hook) the workers add theirs into it, one after the other down a chain (see _serve);
 - `step(optimizer)`: AdamW's update is elementwise, so each process updates one stretch of the
   parameters (taken end to end), reading this process's gradients where they already are. The
   moments live in shared memory too.
@@ -60,7 +61,8 @@ _FORWARD_BACKWARD, _GRADIENT, _UPDATE = 0, 1, 2    # what a command asks of a wo
 # whose gradient this process completed (or _END), 0, 0, 0.0, 0; for _UPDATE: parameters in the
 # plan, first and last element of the stretch, 0.0, whole (1: the stretch is of the shared blocks
 # taken whole, see DataParallel._update_whole; 0: of the plan's parameters taken end to end)
-_LAST, _NO_CHAIN, _END = -1, -2, -1
+_LAST, _NO_CHAIN = -1, -2           # in place of the next worker: none (the chain ends here); no chain
+_END = -1                            # in place of a parameter: this process's backward has ended
 _COMMAND = struct.Struct("<qqqqqdq")
 _RESULT = struct.Struct("<qdBI")     # call number, loss, failed (0/1), length of the message after it
 _PLAN_COLUMNS = 8                    # an _UPDATE plan row: parameter number, then AdamW's 7 hyperparameters
@@ -111,7 +113,8 @@ class DataParallel:
             raise TypeError("data parallelism needs every parameter in one NumPy array dtype (CPU), got "
                             f"{sorted(str(d) for d in dtypes)}; on a GPU leave --parallel at auto")
         shared = lambda: _SharedArrays([p.shape for p in self.params], *dtypes)   # noqa: E731
-        # the weights, the gradients a worker updates its stretch with, AdamW's two moments
+        # the weights, this process's gradients (the workers add theirs in, and read them to update
+        # their stretch), AdamW's two moments
         self.weights, self.grads, self.moments = shared(), shared(), (shared(), shared())
         self.weights.adopt(self.params, "data")             # the Parameters become views of shared memory
         for p, home in zip(self.params, self.grads.arrays):  # and their gradients are written into it
@@ -265,7 +268,7 @@ class DataParallel:
         hyperparameters but for weight decay. Cache-sized block by block: the decay of the decayed
         parameters' pieces of the block, then the rest of the update on the whole block, with no
         call per parameter (a baby step has 27 parameters, 9 of them of 128 numbers; its shared
-        step took 1.23-1.25 ms so against 1.33 parameter by parameter). The padding stays 0 (its
+        step took 1.23-1.25 ms against 1.33 parameter by parameter). The padding stays 0 (its
         gradient and moments are 0, so is its update); each element sees the same operations as
         in update_stretch, in the same order."""
         m, v = self.moments
@@ -422,7 +425,7 @@ def _serve(data_parallel, grads, given, commands, results, later):
     each parameter whose gradient the main process has completed comes down it (a _GRADIENT
     command), and this worker adds its own gradient of that parameter into the main process's
     (shared) one, then passes the command on to the next worker in the chain (`later` maps each
-    later worker's number to its command pipe). The end of the backward (parameter −1) comes last.
+    later worker's number to its command pipe). The end of the backward (_END) comes last.
     """
     model, params, homes = data_parallel.model, data_parallel.params, data_parallel.grads.arrays
     for p, home in zip(params, grads.arrays):          # backward writes the gradients into shared memory
