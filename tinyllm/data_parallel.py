@@ -48,7 +48,7 @@ import weakref
 import numpy
 
 from tinyllm import rng, threads
-from tinyllm.autograd import Tensor
+from tinyllm.autograd import Tensor, _accumulate
 from tinyllm.nn.layers import Dropout
 from tinyllm.optim import UPDATE_BLOCK, AdamW, stretch_pieces, update_all, update_span, update_stretch
 
@@ -191,17 +191,12 @@ class DataParallel:
             self._sent.add(i)
 
     def _add_up(self, workers, numbers):
-        """p.grad += each worker's gradient (a copy of it when p has none yet) for the parameters
-        numbered here, those that did not go down the chain: all in this process."""
+        """p.grad += each worker's gradient, as backward accumulates one (the first copied into
+        p.grad_home), for the parameters numbered here, those that did not go down the chain."""
         for i in numbers:
-            p = self.params[i]
             for worker in workers:
                 if worker.given[i]:
-                    if p.grad is None:
-                        p.grad = p.grad_home if p.grad_home is not None else numpy.empty_like(p.data)
-                        p.grad[...] = worker.grads.arrays[i]
-                    else:
-                        p.grad += worker.grads.arrays[i]
+                    _accumulate(self.params[i], worker.grads.arrays[i])
 
     # --- the optimizer's step ---------------------------------------------------------------------
     def step(self, optimizer):
