@@ -145,9 +145,8 @@ def _run_part(body, start, stop):
 
 def matmul(a, b):
     """a @ b for 2-D arrays, the rows of a cut over the threads (each part one BLAS call)."""
-    xp = numpy if isinstance(a, numpy.ndarray) else None
-    if xp is None or _num_threads == 1:
-        return a @ b
+    if _num_threads == 1 or getattr(_inside, "busy", False) or not isinstance(a, numpy.ndarray):
+        return a @ b                              # one call: one thread, inside a part, or CuPy
     out = numpy.empty((a.shape[0], b.shape[1]), dtype=numpy.result_type(a, b))
     parallel_for(a.shape[0], lambda r0, r1: numpy.matmul(a[r0:r1], b, out=out[r0:r1]))
     return out
