@@ -74,6 +74,9 @@ def use_threads(cfg, cores):
     from tinyllm import threads
     n, cut = threads.default_plan(cfg["batch_size"], cfg["block_size"], cfg["n_embd"], cores)
     n = threads.set_num_threads(int(os.environ.get("BENCH_TINYLLM_THREADS", 0)) or n)
+    blas = threads._openblas_threads_control()
+    if n == 1 and cores is not None and blas is not None:
+        blas[0](cores)               # BLAS on the cores given (its own default is every core of the machine)
     return n, os.environ.get("BENCH_TINYLLM_PARALLEL", cut)
 
 

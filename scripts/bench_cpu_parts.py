@@ -31,6 +31,9 @@
    parameter) against AdamW in this process; and one process alone on half the batch.
 10. A pipe's round trip to a process that waited 0.5 or 2 ms for it: asleep in a blocking read,
    against polling first (tinyllm.data_parallel.POLL_SECONDS).
+11. The fixed cost of a step (Python and NumPy calls): "baby" shrunk to a few numbers per array,
+   forward and backward, on one thread and as the main process of data parallelism runs it, with
+   threads.matmul's plain product inside serial() against the one-part parallel_for it replaced.
 Shapes are those of the "char" config of scripts/bench_cpu.py: B=8, T=256, C=384, 6 heads.
 Parts 1-3 and 5-7 report the best of several runs (ms; µs in parts 6 and 7), since they measure code, not the machine's noise;
 part 4 reports medians.
@@ -526,11 +529,56 @@ def part_wake_up():
     print()
 
 
+def part_fixed_cost():
+    """What a step costs besides the arithmetic: the "baby" model shrunk to arrays of a few numbers."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_cpu
+    print("## 11. fixed cost of a step: \"baby\" with block 2, n_embd 16, one row (so the time is the calls to "
+          "Python and NumPy), forward / backward, median ms of 400")
+    cfg = dict(bench_cpu.CONFIGS["baby"], block_size=2, n_embd=16, batch_size=1)
+    x, y = bench_cpu.make_batch(cfg)
+    model, _ = bench_cpu.build_tinyllm(cfg)
+    matmul = threads.matmul
+
+    def matmul_as_parts(a, b):                                  # the way before: always through parallel_for
+        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+        threads.parallel_for(a.shape[0], lambda r0, r1: np.matmul(a[r0:r1], b, out=out[r0:r1]))
+        return out
+
+    def steps(n=400):
+        fwd, bwd = [], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            _, loss = model(x, y)
+            t1 = time.perf_counter()
+            loss.backward()
+            fwd.append(t1 - t0)
+            bwd.append(time.perf_counter() - t1)
+            model.zero_grad()
+        return f"{statistics.median(fwd) * 1e3:.3f} / {statistics.median(bwd) * 1e3:.3f}"
+    lines = {}
+    threads.set_num_threads(1)
+    steps(50)
+    lines["one thread (a data-parallel worker)"] = steps()
+    threads.set_num_threads(2)
+    with threads.serial():                                      # as the main process of data parallelism
+        lines["2 threads inside serial() (the main process)"] = steps()
+        threads.matmul = matmul_as_parts
+        try:
+            lines["the same, products through a one-part parallel_for (before)"] = steps()
+        finally:
+            threads.matmul = matmul
+    threads.set_num_threads(1)
+    print("; ".join(f"{k}: {v}" for k, v in lines.items()))
+    print()
+
+
 def main():
     backend.keep_freed_host_memory()   # as `tinyllm train`: freed arrays are reused, not faulted in again
     print(f"numpy {np.__version__}, {os.cpu_count()} CPUs, glibc keeps freed memory\n")
     parts = [part_threads, part_gelu_backward, part_attention, part_interference, part_softmax_shift,
-             part_short_rows, part_layers_vs_torch, part_handovers_and_adamw, part_data_parallel, part_wake_up]
+             part_short_rows, part_layers_vs_torch, part_handovers_and_adamw, part_data_parallel, part_wake_up,
+             part_fixed_cost]
     chosen = [int(a) for a in sys.argv[1:]] or range(1, len(parts) + 1)
     for number in chosen:
         parts[number - 1]()
