@@ -2,6 +2,7 @@
 
     python scripts/bench_cpu_ab.py HEAD~1                 # a git revision against the working tree
     python scripts/bench_cpu_ab.py HEAD~3 HEAD --config char --rounds 6
+    python scripts/bench_cpu_ab.py HEAD --config fixed --rounds 10 --steps 400 --warmup 100
 
 scripts/bench_cpu.py compares tinyllm with PyTorch; this compares a change with the code before it,
 which is how the per-change figures in docs/benchmarks.md are measured. Each version is unpacked
@@ -49,6 +50,33 @@ print(json.dumps(dict(loss=loss, times=times)))
 """
 
 
+# --config fixed: the fixed cost of a step (the calls to Python and NumPy), the "baby" model shrunk to
+# a few numbers per array (block 2, n_embd 16, one row), forward and backward as the main process of
+# data parallelism runs them (threads.serial(), BLAS on one thread); no optimizer step.
+CHILD_FIXED = """
+import json, sys, time
+sys.path[:0] = [{tree!r}]
+import numpy as np
+import tinyllm as tl
+from tinyllm import backend, threads
+assert tl.__file__.startswith({tree!r}), tl.__file__
+backend.keep_freed_host_memory()
+tl.manual_seed(0)
+model = tl.GPT(tl.GPTConfig(vocab_size=65, block_size=2, n_layer=4, n_head=4, n_embd=16, bias=False, dropout=0.0))
+x, y = (np.random.default_rng(seed).integers(0, 65, (1, 2)) for seed in (0, 1))
+threads.set_num_threads(2)
+times = []
+with threads.serial():
+    for i in range({warmup} + {steps}):
+        t0 = time.perf_counter()
+        _, loss = model(x, y)
+        loss.backward()
+        model.zero_grad()
+        times.append(time.perf_counter() - t0)
+print(json.dumps(dict(loss=float(loss.data), times=times[{warmup}:])))
+"""
+
+
 def unpack(rev, into):
     """The tree of a git revision, unpacked under `into`; None means the working tree itself."""
     if rev is None:
@@ -65,8 +93,8 @@ def unpack(rev, into):
 
 
 def run_child(tree, args):
-    code = CHILD.format(tree=str(tree), scripts=str(tree / "scripts"), config=args.config,
-                        warmup=args.warmup, steps=args.steps)
+    code = (CHILD_FIXED if args.config == "fixed" else CHILD).format(
+        tree=str(tree), scripts=str(tree / "scripts"), config=args.config, warmup=args.warmup, steps=args.steps)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -75,7 +103,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a", help="git revision of version A")
     parser.add_argument("b", nargs="?", default=None, help="git revision of version B (default: the working tree)")
-    parser.add_argument("--config", choices=["baby", "char"], default="baby")
+    parser.add_argument("--config", choices=["baby", "char", "fixed"], default="baby",
+                        help="fixed: the fixed cost of a step (see CHILD_FIXED)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -95,7 +124,9 @@ def main():
             print(f"round {r + 1}: A {medians['A'][-1]:8.2f} ms   B {medians['B'][-1]:8.2f} ms   B/A {ratios[-1]:.3f}"
                   f"   (first-step losses {losses['A']:.6f}, {losses['B']:.6f})", flush=True)
     print(f"{args.config}: A = {names['A']}, B = {names['B']}, {args.steps} timed steps per process")
-    print(f"median step: A {statistics.median(medians['A']):.2f} ms, B {statistics.median(medians['B']):.2f} ms; "
+    digits = 3 if args.config == "fixed" else 2
+    print(f"median step: A {statistics.median(medians['A']):.{digits}f} ms, "
+          f"B {statistics.median(medians['B']):.{digits}f} ms; "
           f"B/A median over {args.rounds} rounds {statistics.median(ratios):.3f} "
           f"(range {min(ratios):.3f}-{max(ratios):.3f})")
 

@@ -46,12 +46,22 @@ def _sum_last(a):
     As a matrix-vector product with ones: BLAS sums short rows faster than einsum, and einsum
     faster than .sum(axis=-1) (part 6 of scripts/bench_cpu_parts.py).
     """
-    return (a @ get_array_module(a).ones(a.shape[-1], dtype=a.dtype))[..., None]
+    return (a @ _constant_vector(get_array_module(a), a.shape[-1], 1.0, a.dtype))[..., None]
 
 
 def _mean_last(a):
-    """Mean over the last axis, kept as size 1: (..., C) -> (..., 1)."""
-    return _sum_last(a) / a.shape[-1]
+    """Mean over the last axis, kept as size 1: (..., C) -> (..., 1): the product with (1/C, ..., 1/C)."""
+    return (a @ _constant_vector(get_array_module(a), a.shape[-1], 1.0 / a.shape[-1], a.dtype))[..., None]
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_vector(xp, n, value, dtype):
+    """(value, ..., value) of length n, made once per shape and kept (read only): a step makes ~50
+    row sums and means, and a new vector each time cost as much as the product on small rows."""
+    vector = xp.full(n, value, dtype=dtype)
+    if xp is numpy:
+        vector.flags.writeable = False
+    return vector
 
 
 def _dot_last(a, b):
