@@ -81,12 +81,13 @@ class Function:
         except ValueError as e:  # shape problems: say which op and which shapes
             shapes = ", ".join(str(t.shape) for t in tensors)
             raise ValueError(f"{type(self).__name__} with input shapes {shapes}: {e}") from e
-        needs_grad = _grad_enabled and any(t.requires_grad for t in tensors)
+        needs = tuple([t.requires_grad for t in tensors])
+        needs_grad = _grad_enabled and True in needs
         out = Tensor(y, requires_grad=needs_grad)
         if needs_grad:
             # graph edges: what made each input (its creator, or the leaf itself); None: no grad needed
-            self.parents = tuple((t._ctx or t) if t.requires_grad else None for t in tensors)
-            self.needs_input_grad = tuple(t.requires_grad for t in tensors)
+            self.parents = tuple([(t._ctx or t) if t.requires_grad else None for t in tensors])
+            self.needs_input_grad = needs
             self.out_shape, self.out_dtype = y.shape, y.dtype
             out._ctx = self
         return out
@@ -118,6 +119,9 @@ def _as_tensors(inputs):
     like = next((x for x in inputs if isinstance(x, Tensor)), None)
     if like is None:
         raise TypeError("an op needs at least one Tensor input")
+    kind = type(like.data)
+    if all([isinstance(x, Tensor) and type(x.data) is kind for x in inputs]):
+        return inputs                                 # the usual case: tensors on one device
     out = []
     for x in inputs:
         if isinstance(x, Tensor):
@@ -285,12 +289,14 @@ def backward(root, grad=None, retain_graph=False):
         for parent, gx in zip(fn.parents, gxs):
             if parent is None or gx is None:
                 continue
-            expected = parent.shape if isinstance(parent, Tensor) else parent.out_shape
+            expected = parent.data.shape if isinstance(parent, Tensor) else parent.out_shape
             if gx.shape != expected:
                 raise RuntimeError(f"{fn.name}.backward returned a gradient of shape {gx.shape} "
                                    f"for an input of shape {expected}")
+            key = id(parent)
+            waiting = grads.get(key)
             # a new array rather than +=: gx may be the very array another input also received
-            grads[id(parent)] = grads[id(parent)] + gx if id(parent) in grads else gx
+            grads[key] = gx if waiting is None else waiting + gx
         if not retain_graph:
             fn.release()
 
