@@ -33,7 +33,8 @@
    against polling first (tinyllm.data_parallel.POLL_SECONDS).
 11. The fixed cost of a step (Python and NumPy calls): "baby" shrunk to a few numbers per array,
    forward and backward, on one thread and as the main process of data parallelism runs it, with
-   threads.matmul's plain product inside serial() against the one-part parallel_for it replaced.
+   threads.matmul's plain product inside serial() against the one-part parallel_for it replaced,
+   and PyTorch's on one thread (needs torch).
 Shapes are those of the "char" config of scripts/bench_cpu.py: B=8, T=256, C=384, 6 heads.
 Parts 1-3 and 5-7 report the best of several runs (ms; µs in parts 6 and 7), since they measure code, not the machine's noise;
 part 4 reports medians.
@@ -569,6 +570,26 @@ def part_fixed_cost():
         finally:
             threads.matmul = matmul
     threads.set_num_threads(1)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:                                       # the peer: the same model in PyTorch, one thread
+        torch.set_num_threads(1)
+        tmodel, toptimizer = bench_cpu.build_torch(cfg, model.state_dict())
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+        fwd, bwd = [], []
+        for i in range(450):
+            t0 = time.perf_counter()
+            loss = tmodel(tx, ty)
+            t1 = time.perf_counter()
+            loss.backward()
+            if i >= 50:
+                fwd.append(t1 - t0)
+                bwd.append(time.perf_counter() - t1)
+            toptimizer.zero_grad(set_to_none=True)
+        lines["PyTorch, one thread"] = f"{statistics.median(fwd) * 1e3:.3f} / {statistics.median(bwd) * 1e3:.3f}"
+        torch.set_num_threads(os.cpu_count())
     print("; ".join(f"{k}: {v}" for k, v in lines.items()))
     print()
 
