@@ -82,7 +82,7 @@ class Function:
             shapes = ", ".join(str(t.shape) for t in tensors)
             raise ValueError(f"{type(self).__name__} with input shapes {shapes}: {e}") from e
         needs = tuple([t.requires_grad for t in tensors])
-        needs_grad = _grad_enabled and True in needs
+        needs_grad = _grad_enabled and any(needs)
         out = Tensor(y, requires_grad=needs_grad)
         if needs_grad:
             # graph edges: what made each input (its creator, or the leaf itself); None: no grad needed
