@@ -267,7 +267,7 @@ class DataParallel:
         gradient and moments are 0, so is its update); each element sees the same operations as
         in update_stretch, in the same order."""
         m, v = self.moments
-        hyper = {int(row[0]): tuple(row[1:]) for row in plan.tolist()}   # Python floats, as AdamW's
+        hyper = dict(_plan_rows(plan))
         decayed = [(start, start + array.size, 1.0 - hyper[n][0] * hyper[n][4])   # (first, end, 1 − lr·wd)
                    for n, (start, array) in enumerate(zip(self.weights.starts, self.weights.arrays)) if hyper[n][4]]
         no_decay = hyper[0][:4] + (0.0,) + hyper[0][5:]
@@ -283,8 +283,8 @@ class DataParallel:
     def _updates(self, plan):
         """AdamW.updates() rebuilt from a plan, over this process's views of the shared arrays."""
         m, v = self.moments
-        rows = [(int(row[0]), tuple(row[1:])) for row in plan.tolist()]    # Python floats, as AdamW's
-        return [(self.weights.arrays[i], self.grads.arrays[i], m.arrays[i], v.arrays[i], hyper) for i, hyper in rows]
+        return [(self.weights.arrays[i], self.grads.arrays[i], m.arrays[i], v.arrays[i], hyper)
+                for i, hyper in _plan_rows(plan)]
 
     # --- the workers ------------------------------------------------------------------------------
     def close(self):
@@ -301,6 +301,12 @@ class DataParallel:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _plan_rows(plan):
+    """[(parameter number, AdamW's 7 hyperparameters)] from an _UPDATE plan, as Python ints and
+    floats (as AdamW's: a NumPy float64 scalar would promote float32 arrays)."""
+    return [(int(row[0]), tuple(row[1:])) for row in plan.tolist()]
 
 
 def _part(model, idx, targets, grad_weight):
