@@ -55,16 +55,15 @@ print(json.dumps(dict(loss=loss, times=times)))
 # data parallelism runs them (threads.serial(), BLAS on one thread); no optimizer step.
 CHILD_FIXED = """
 import json, sys, time
-sys.path[:0] = [{tree!r}]
-import numpy as np
-import tinyllm as tl
+sys.path[:0] = [{tree!r}, {scripts!r}]
+import tinyllm
 from tinyllm import backend, threads
-assert tl.__file__.startswith({tree!r}), tl.__file__
+assert tinyllm.__file__.startswith({tree!r}), tinyllm.__file__
+import bench_cpu
 backend.keep_freed_host_memory()
-tl.manual_seed(0)
-model = tl.GPT(tl.GPTConfig(vocab_size=65, block_size=2, n_layer=4, n_head=4, n_embd=16, bias=False, dropout=0.0))
-optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95))   # only to clear the gradients, as a step does
-x, y = (np.random.default_rng(seed).integers(0, 65, (1, 2)) for seed in (0, 1))
+cfg = dict(bench_cpu.CONFIGS["baby"], block_size=2, n_embd=16, batch_size=1)   # as part 11 of bench_cpu_parts.py
+model, optimizer = bench_cpu.build_tinyllm(cfg)   # the optimizer only clears the gradients, as a step does
+x, y = bench_cpu.make_batch(cfg)
 threads.set_num_threads(2)
 times = []
 with threads.serial():
