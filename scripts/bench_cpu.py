@@ -243,11 +243,14 @@ def measure_memory(framework, name, default_malloc, steps=3):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def print_op_times(step, steps=5):
+def print_op_times(step, steps=30, warmup=5):
     """ms per step in each tinyllm op's forward and backward, and in AdamW.step: timers wrapped around them.
 
     Self time: when one timed method calls another (SelfAttention.forward calls
-    ScaledDotProductAttention.forward), the inner call's time counts for the inner one only.
+    ScaledDotProductAttention.forward), the inner call's time counts for the inner one only. Each
+    op's time is summed per step, and the median over the steps is printed: a slow spell of the
+    machine in one step does not move it. With the batch cut over processes, only this process's
+    ops are timed (its rows, and its share of AdamW).
     """
     import collections
 
@@ -275,17 +278,24 @@ def print_op_times(step, steps=5):
         for name in ("forward", "backward", "step"):
             if name in vars(cls):
                 wrap(cls, name)
+    per_step, step_times = collections.defaultdict(list), []
     try:
-        t0 = time.perf_counter()
-        for _ in range(steps):
+        for i in range(warmup + steps):
+            totals.clear()
+            t0 = time.perf_counter()
             step()
-        total = (time.perf_counter() - t0) / steps
+            if i >= warmup:
+                step_times.append(time.perf_counter() - t0)
+                for key, seconds in totals.items():
+                    per_step[key].append(seconds)
     finally:
         for cls, name, original in originals:
             setattr(cls, name, original)
-    print(f"tinyllm, self ms per step (mean of {steps} steps of {total * 1e3:.1f} ms):")
-    for key, seconds in totals.most_common(int(os.environ.get("BENCH_PROFILE_TOP", 12))):
-        print(f"  {key:<40} {seconds / steps * 1e3:8.1f}")
+    ms = {key: statistics.median(times + [0.0] * (steps - len(times))) * 1e3 for key, times in per_step.items()}
+    print(f"tinyllm, self ms per step (medians of {steps} steps; the step itself {statistics.median(step_times) * 1e3:.1f} ms, "
+          f"the ops {sum(ms.values()):.1f}):")
+    for key in sorted(ms, key=ms.get, reverse=True)[:int(os.environ.get("BENCH_PROFILE_TOP", 12))]:
+        print(f"  {key:<40} {ms[key]:8.2f}")
 
 
 def print_torch_op_times(step, steps=5):
