@@ -1,6 +1,7 @@
 """Fused layers (tinyllm/nn/functional.py): gradchecks, agreement with the same layers composed from
 primitive ops (tinyllm/nn/reference.py), numerical stability, dtypes, error messages, PyTorch."""
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -644,6 +645,79 @@ def test_inputs_and_upstream_gradient_are_not_modified(index):
     for x, b in zip(inputs, before):
         np.testing.assert_array_equal(x.numpy(), b, err_msg=name)
     np.testing.assert_array_equal(gy, gy_copy, err_msg=name)
+
+
+LINEAR_INPUT_CREATORS = [
+    ("gelu", lambda x, g, c: F.gelu(x)),
+    ("layer_norm", lambda x, g, c: F.layer_norm(x, g, c)),
+    ("layer_norm, no weight or bias", lambda x, g, c: F.layer_norm(x)),
+    ("layer_norm, bias only", lambda x, g, c: F.layer_norm(x, None, c)),
+    ("rms_norm", lambda x, g, c: F.rms_norm(x, g)),
+    ("rms_norm, no weight", lambda x, g, c: F.rms_norm(x)),
+]
+
+
+@pytest.fixture
+def rebuild_all(monkeypatch):
+    """Linear has every input rebuilt that its creator can rebuild, however small."""
+    monkeypatch.setattr(F, "REBUILD_MIN_NUMBERS", 0)
+
+
+def test_linear_rebuilt_inputs_gradcheck(rebuild_all):
+    for label, fn, inputs in layer_cases.linear(CaseBuilder()):
+        if "after" in label:
+            result = gradcheck_report(fn, inputs)
+            assert not result.failures, f"{label}: {result.failures[0]}"
+            assert result.worst_error < 1e-6, label
+
+
+def test_linear_rebuilds_only_big_inputs():
+    w = leaf(randn(4, 8))
+    small = F.gelu(leaf(randn(2, 8)))
+    big = F.gelu(leaf(np.zeros((F.REBUILD_MIN_NUMBERS // 8, 8))))
+    assert F.linear(small, w)._ctx.x2 is not None
+    assert F.linear(big, w)._ctx.x2 is None
+
+
+@pytest.mark.parametrize("name, make", LINEAR_INPUT_CREATORS, ids=[n for n, _ in LINEAR_INPUT_CREATORS])
+def test_linear_input_rebuilt_by_its_creator_is_the_kept_input_bit_for_bit(name, make, rebuild_all):
+    x, g, c, w = (leaf(a, "float32") for a in (randn(2, 5, 6) * 3, randn(6), randn(6), randn(4, 6)))
+    kept = make(x, g, c) * 1.0            # a Mul made it: it cannot be rebuilt, so Linear keeps it
+    rebuilt = make(x, g, c)
+    assert F.linear(kept, w)._ctx.x2 is not None
+    assert F.linear(rebuilt, w)._ctx.x2 is None
+    grads = []
+    for h in (kept, rebuilt):
+        for t in (x, g, c, w):
+            t.grad = None
+        F.linear(h, w).backward(np.random.default_rng(0).standard_normal((2, 5, 4)))
+        grads.append([t.grad for t in (x, g, c, w)])
+    for a, b in zip(*grads):
+        if a is None:
+            assert b is None
+        else:
+            np.testing.assert_array_equal(a, b)   # the same numbers: rebuilt as forward made them
+
+
+@pytest.mark.parametrize("name, make", LINEAR_INPUT_CREATORS[:2], ids=[n for n, _ in LINEAR_INPUT_CREATORS[:2]])
+def test_linear_does_not_keep_an_input_its_creator_rebuilds(name, make, rebuild_all):
+    x, g, c, w = leaf(randn(3, 6)), leaf(randn(6)), leaf(randn(6)), leaf(randn(4, 6))
+    for rebuildable in (False, True):
+        h = make(x, g, c) if rebuildable else make(x, g, c) * 1.0
+        array = weakref.ref(h.data)
+        y = F.linear(h, w)
+        del h
+        assert (array() is None) is rebuildable   # freed once the tensor goes, or kept by Linear
+        y.sum().backward()
+
+
+def test_linear_input_rebuilt_after_its_creator_was_released_says_so(rebuild_all):
+    x, w = leaf(randn(3, 6)), leaf(randn(4, 6))
+    h = F.gelu(x)
+    y = F.linear(h, w)
+    h.sum().backward()                    # frees the GELU's arrays (retain_graph=False)
+    with pytest.raises(RuntimeError, match="a second time"):
+        y.sum().backward()
 
 
 def test_no_grad_records_nothing():

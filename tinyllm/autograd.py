@@ -53,6 +53,9 @@ class no_grad(contextlib.ContextDecorator):
 # ---------------------------------------------------------------------------------------------
 # Function: one differentiable operation
 
+GRAPH_FREED = ("backward through a graph a second time: its saved arrays were freed by the first backward; "
+               "pass retain_graph=True to the first call")
+
 OPS = {}  # name -> Function subclass; `tinyllm gradcheck` and the tests walk this registry
 
 
@@ -281,8 +284,7 @@ def backward(root, grad=None, retain_graph=False):
         if fn._retained is not None and fn._retained() is not None:  # the user asked to keep this grad
             _accumulate(fn._retained(), g)
         if fn.parents is None:
-            raise RuntimeError("backward through a graph a second time: its saved arrays were freed by "
-                               "the first backward; pass retain_graph=True to the first call")
+            raise RuntimeError(GRAPH_FREED)
         gxs = fn.backward(g)
         if not isinstance(gxs, tuple):
             gxs = (gxs,)

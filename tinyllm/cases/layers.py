@@ -15,6 +15,11 @@ def linear(b):
     x, w = b.randn(2, 4), b.randn(3, 4)
     x.requires_grad = False
     yield "linear, constant input", F.linear, [x, w]
+    # inputs whose creator can rebuild them for Linear's backward (rebuilt when big, see F.REBUILD_MIN_NUMBERS)
+    yield "linear after gelu", lambda h, w: F.linear(F.gelu(h), w), [b.randn(2, 3, 4), b.randn(5, 4)]
+    yield "linear after layer_norm", lambda x, g, c, w, bias: F.linear(F.layer_norm(x, g, c), w, bias), \
+        [b.randn(2, 3, 4), b.randn(4), b.randn(4), b.randn(5, 4), b.randn(5)]
+    yield "linear after rms_norm", lambda x, g, w: F.linear(F.rms_norm(x, g), w), [b.randn(3, 4), b.randn(4), b.randn(2, 4)]
 
 
 @gradcheck_cases

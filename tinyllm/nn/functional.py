@@ -22,7 +22,7 @@ import math
 import numpy
 
 from tinyllm import backend, rng, threads
-from tinyllm.autograd import Function, Tensor
+from tinyllm.autograd import GRAPH_FREED, Function, Tensor
 from tinyllm.backend import get_array_module
 
 __all__ = ["linear", "embedding", "layer_norm", "rms_norm", "gelu", "silu", "softmax", "log_softmax",
@@ -100,7 +100,16 @@ def _raw_int_array(a, like, what):
 
 
 class Linear(Function):
-    """x (..., in), W (out, in), b (out,) -> y (..., out), as ONE 2-D matrix product."""
+    """x (..., in), W (out, in), b (out,) -> y (..., out), as ONE 2-D matrix product.
+
+    Backward needs x for gW. When x's creator can rebuild x from what it keeps for its own backward
+    (its `rebuild_output`: GELU, layer norm, RMSNorm) and x is big (REBUILD_MIN_NUMBERS), `linear`
+    hands that creator over and x is not kept: one activation fewer per layer norm and per MLP
+    until backward (docs/layers.md, "What backward keeps").
+    """
+
+    def __init__(self, input_creator=None):
+        self.input_creator = input_creator        # None: keep x
 
     def forward(self, x, w, b=None):
         if w.ndim != 2 or x.ndim == 0 or x.shape[-1] != w.shape[1]:
@@ -108,9 +117,10 @@ class Linear(Function):
         if b is not None and b.shape != (w.shape[0],):
             raise ValueError(f"linear: bias of shape {b.shape} should be ({w.shape[0]},) for weight {w.shape}")
         self.x_shape = x.shape
-        self.x2 = x.reshape(-1, x.shape[-1])      # (N, in): every leading axis is one more row
+        x2 = x.reshape(-1, x.shape[-1])           # (N, in): every leading axis is one more row
+        self.x2 = x2 if self.input_creator is None else None
         self.w = w                                # (out, in)
-        y2 = threads.matmul(self.x2, w.T)         # (N, out); its rows split over the CPU threads, if any
+        y2 = threads.matmul(x2, w.T)              # (N, out); its rows split over the CPU threads, if any
         if b is not None:
             y2 += b                               # (out,) broadcast over rows
         return y2.reshape(x.shape[:-1] + (w.shape[0],))
@@ -122,16 +132,34 @@ class Linear(Function):
     def backward(self, gy):
         gy2 = gy.reshape(-1, gy.shape[-1])        # (N, out)
         gx = threads.matmul(gy2, self.w).reshape(self.x_shape) if self.needs_input_grad[0] else None
-        gw = threads.matmul(gy2.T, self.x2) if self.needs_input_grad[1] else None
+        gw = threads.matmul(gy2.T, self.input_rows()) if self.needs_input_grad[1] else None
         if len(self.needs_input_grad) == 2:
             return gx, gw
         gb = gy2.sum(axis=0) if self.needs_input_grad[2] else None
         return gx, gw, gb
 
+    def input_rows(self):
+        """x2, kept or rebuilt by x's creator (whose backward comes after this one: it still has its arrays)."""
+        if self.input_creator is None:
+            return self.x2
+        if self.input_creator.parents is None:    # released by an earlier backward
+            raise RuntimeError(GRAPH_FREED)
+        return self.input_creator.rebuild_output().reshape(-1, self.x_shape[-1])
+
+
+# Linear has x's creator rebuild x in backward (see Linear) from this many numbers in x. Rebuilding
+# costs backward a pass or two over memory, keeping x costs memory until backward: on "char" of
+# scripts/bench_cpu.py (x of 1024 rows of 384 or 1536 per process) rebuilding kept 78 MiB less of
+# 571 at the same speed, on "baby" (384 rows of 128 or 512) it made the step 1-3% slower
+# (docs/benchmarks.md, eighth round).
+REBUILD_MIN_NUMBERS = 1 << 18
+
 
 def linear(x, weight, bias=None):
     """y = x @ weight.T + bias, weight (out, in) as in PyTorch; x (..., in) -> (..., out)."""
-    return Linear()(x, weight) if bias is None else Linear()(x, weight, bias)
+    rebuilt = isinstance(x, Tensor) and hasattr(x._ctx, "rebuild_output") and x.size >= REBUILD_MIN_NUMBERS
+    creator = x._ctx if rebuilt else None
+    return Linear(creator)(x, weight) if bias is None else Linear(creator)(x, weight, bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +234,12 @@ class LayerNorm(Function):
         y = xp.empty(X.shape, dtype=x.dtype)
         threads.parallel_for(len(X), lambda i, j: self.forward_rows(X[i:j], w, b, n[i:j], rstd[i:j], y[i:j]), xp,
                              size=X.size)
-        self.n, self.rstd, self.w = n, rstd, w               # n, not x: backward needs only n (same memory)
+        self.n, self.rstd, self.w, self.b = n, rstd, w, b    # n, not x: backward needs only n (same memory)
         return y.reshape(x.shape)
+
+    def rebuild_output(self):
+        """y again, from the n that backward keeps (for Linear, see there): the same numbers as forward's."""
+        return _scale_shift(self.n, self.w, self.b)
 
     def forward_rows(self, x, w, b, n, rstd, y):
         """Rows x (N, C) -> n, rstd (N, 1) and y, written into the arrays given."""
@@ -216,12 +248,7 @@ class LayerNorm(Function):
         var = _dot_last(n, n) / x.shape[-1]                  # (N, 1) biased variance
         xp.divide(1.0, xp.sqrt(var + self.eps), out=rstd)    # (N, 1)
         n *= rstd                                            # n = (x − mean)·rstd
-        if w is not None:
-            xp.multiply(n, w, out=y)
-        else:
-            y[...] = n
-        if b is not None:
-            y += b
+        _scale_shift(n, w, b, out=y)
 
     # With n = (x - mean)·rstd and y = n·w + b (C features per row; means are over them):
     #   gw = Σ_rows gy·n,   gb = Σ_rows gy,   gn = gy·w.
@@ -265,6 +292,21 @@ class LayerNorm(Function):
         return gw, gb
 
 
+def _scale_shift(n, w, b, out=None):
+    """y = n·w + b (w, b: per feature, or None), into out or a new array; n itself when there is
+    neither w nor b and no out (for readers only, as Linear's backward)."""
+    if out is None and w is None and b is None:
+        return n
+    y = out if out is not None else get_array_module(n).empty_like(n)
+    if w is not None:
+        get_array_module(n).multiply(n, w, out=y)
+    else:
+        y[...] = n
+    if b is not None:
+        y += b
+    return y
+
+
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """Normalise over the last axis to mean 0 and variance 1, then scale by weight and shift by bias."""
     params = [p for p in (weight, bias) if p is not None]
@@ -284,6 +326,10 @@ class RMSNorm(Function):
         n = x * rstd                                         # (..., C) n = x·rstd
         self.n, self.rstd, self.w = n, rstd, w               # n, not x: backward needs only n (same memory)
         return n * w if w is not None else n.copy()
+
+    def rebuild_output(self):
+        """y again, from the n that backward keeps (for Linear): the same numbers as forward's."""
+        return _scale_shift(self.n, self.w, None)
 
     # With n = x·rstd, y = n·w:  gw = Σ_rows gy·n,  gn = gy·w, and since ∂rstd/∂x_i = −rstd³·x_i/C,
     #   ∂n_j/∂x_i = rstd·δ_ij − n_j·n_i·rstd/C   so   gx = rstd·(gn − n·mean(gn·n)).
@@ -327,6 +373,11 @@ class GELU(Function):
         self.s = xp.empty(x.shape, dtype=x.dtype)
         return _elementwise(_gelu_forward, y, x, self.s)
 
+    def rebuild_output(self):
+        """y = 0.5·x·s again, from the x and s that backward keeps (for Linear): forward's numbers."""
+        y = get_array_module(self.x).empty(self.x.shape, dtype=self.x.dtype)
+        return _elementwise(_gelu_from_s, y, self.x, self.s)
+
     # dy/dx = 0.5·(1 + th) + 0.5·x·(1 − th²)·du/dx,   du/dx = k·(1 + 3a·x²).
     # With s = 1 + th, 1 − th² = s·(2 − s), so   dy/dx = s·(0.5 + p·(2 − s)),   p = 0.5·x·du/dx
     # (with s kept from forward: 9 passes over the (N, 4C) arrays).
@@ -339,8 +390,13 @@ def _gelu_forward(y, x, s):
     """y = 0.5·x·(1 + tanh u), written into y; s = 1 + tanh u into s."""
     xp = get_array_module(x)
     th = _gelu_tanh(x, xp.square(x, out=s), out=s)       # tanh(u), in place of x²
-    th += 1.0
-    xp.multiply(th, x, out=y)
+    th += 1.0                                            # s = 1 + tanh u
+    _gelu_from_s(y, x, s)
+
+
+def _gelu_from_s(y, x, s):
+    """y = 0.5·x·s, written into y (forward's last two passes, and GELU.rebuild_output)."""
+    get_array_module(x).multiply(s, x, out=y)
     y *= 0.5
 
 
