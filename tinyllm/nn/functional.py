@@ -150,8 +150,8 @@ class Linear(Function):
 # Linear has x's creator rebuild x in backward (see Linear) from this many numbers in x. Rebuilding
 # costs backward a pass or two over memory, keeping x costs memory until backward: on "char" of
 # scripts/bench_cpu.py (x of 1024 rows of 384 or 1536 per process) rebuilding kept 78 MiB less of
-# 571 at the same speed, on "baby" (384 rows of 128 or 512) it made the step 1-3% slower
-# (docs/benchmarks.md, eighth round).
+# 571 for about 1% of the step's time, on "baby" (384 rows of 128 or 512) it made the step 1-3%
+# slower for little memory (docs/benchmarks.md, eighth round).
 REBUILD_MIN_NUMBERS = 1 << 18
 
 
