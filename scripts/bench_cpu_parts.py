@@ -201,7 +201,7 @@ def softmax_textbook(P, scores, mask):
 
 def softmax_centred(P, qs, k, mask):
     """As F.ScaledDotProductAttention does it: scores against centred keys, then F._exp_rows."""
-    kcT = F._centred_keys_transposed(k)
+    kcT = F._centred_keys_transposed(k, 1.0)                 # (q and k come scaled already)
     _, Z = F._exp_rows(P, lambda out: np.matmul(qs, kcT, out=out), mask)
     P *= 1.0 / Z
 
@@ -241,7 +241,7 @@ def part_short_rows():
     for b_, t, h, d in [(6, 64, 4, 32), (4, 256, 6, 64)]:
         qkv = r.standard_normal((b_, t, 3 * h * d)).astype(np.float32)
         q, k, v = (qkv[..., i * h * d:(i + 1) * h * d].reshape(b_, t, h, d).transpose(0, 2, 1, 3) for i in range(3))
-        qs = np.ascontiguousarray(q)                            # q̃, as attention keeps it
+        qs = q                                                  # as attention takes it: a view of packed rows
         scores = np.empty((b_, h, t, t), np.float32)
 
         def centred_keys_like_k():                              # the centred keys laid out like k (packed rows)

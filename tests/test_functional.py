@@ -351,13 +351,13 @@ def test_centred_keys_come_transposed_in_memory_while_short(copy, monkeypatch):
     monkeypatch.setattr(F, "MAX_TRANSPOSED_COPY", 4 * 3 if copy else 0)
     qkv = np.random.default_rng(5).standard_normal((2, 7, 3 * 4 * 3))
     k = qkv[..., 12:24].reshape(2, 7, 4, 3).transpose(0, 2, 1, 3)   # (B, H, T, D) view of packed rows
-    kcT, vT = F._centred_keys_transposed(k[:, :, :4]), F._transposed(k[:, :, :4])
+    kcT, vT = F._centred_keys_transposed(k[:, :, :4], 0.5), F._transposed(k[:, :, :4])
     assert kcT.shape == vT.shape == (2, 4, 3, 4)
     if copy:                                                         # (B, H, D, T): plain right operands
         assert kcT.flags.c_contiguous and vT.flags.c_contiguous
     else:                                                            # views laid out like the keys
         assert kcT.swapaxes(-1, -2).transpose(0, 2, 1, 3).flags.c_contiguous and np.shares_memory(vT, k)
-    np.testing.assert_allclose(kcT, (k[:, :, :4] - k[:, :, :4].mean(axis=-2, keepdims=True)).swapaxes(-1, -2),
+    np.testing.assert_allclose(kcT, 0.5 * (k[:, :, :4] - k[:, :, :4].mean(axis=-2, keepdims=True)).swapaxes(-1, -2),
                                atol=1e-14)
     np.testing.assert_array_equal(vT, k[:, :, :4].swapaxes(-1, -2))
 

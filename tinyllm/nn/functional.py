@@ -796,7 +796,7 @@ class ScaledDotProductAttention(Function):
         G = H // Hkv
         self.scale = 1.0 / math.sqrt(D)
         self.blocks = _query_blocks(T, S, self.causal, self.split_min)
-        self.qg = xp.empty(q.shape, dtype=q.dtype)           # q̃ = scale·q, contiguous: [:, j, g] is head j·G + g
+        self.q = q                                           # [:, j·G + g] is query head g of k/v head j
         # y is laid out in memory like q (empty_like keeps the axis order): when q is a transposed view
         # of (B, T, H, D) rows, as in the model, transposing y back to (B, T, H·D) is a view, not a copy
         self.y = xp.empty_like(q)
@@ -806,33 +806,34 @@ class ScaledDotProductAttention(Function):
         return self.y
 
     def forward_rows(self, bs, q):
-        """The forward for the sequences bs of the batch, into self.qg, self.P and self.y."""
+        """The forward for the sequences bs of the batch, into self.P and self.y."""
         xp = get_array_module(q)
         B, H, T, D = q.shape
         Hkv = self.k.shape[1]
         G = H // Hkv
-        xp.multiply(q[bs], self.scale, out=self.qg[bs])      # scale q (T·D numbers), not the scores
-        qg, y = self.qg[bs].reshape(-1, Hkv, G, T, D), self.y[bs].reshape(-1, Hkv, G, T, D)
+        q5, y = q[bs].reshape(-1, Hkv, G, T, D), self.y[bs].reshape(-1, Hkv, G, T, D)
         for (r0, r1, s1), P in zip(self.blocks, self.P):
             Tb, P = r1 - r0, P[bs]
-            qb = qg[:, :, :, r0:r1].reshape(-1, Hkv, G * Tb, D)  # the group's query rows, stacked
-            # keys minus their mean k̄: q̃·(k − k̄) is each score minus its row's mean q̃·k̄, the first
-            # shift of the softmax (see _exp_rows), for D numbers per key instead of s1 per query
-            kcT = _centred_keys_transposed(self.k[bs, :, :s1])  # (b, Hkv, D, s1), maybe a transposed view
+            qb = q5[:, :, :, r0:r1].reshape(-1, Hkv, G * Tb, D)  # the group's query rows, stacked (copied if G > 1)
+            # k̃ = scale·(k − k̄), k̄ the keys' mean: the scale on the keys (D numbers per key, not s1
+            # per query), and q·(k − k̄) is each score minus its row's mean q·k̄, the first shift of
+            # the softmax (see _exp_rows)
+            kcT = _centred_keys_transposed(self.k[bs, :, :s1], self.scale)  # (b, Hkv, D, s1), maybe a transposed view
             # row g·Tb + i of a group is query r0 + i of head g: the (Tb, s1) mask repeats G times
             mask = _group_causal_bias(xp, Tb, s1, G, P.dtype) if self.causal else None
             _, Z = _exp_rows(P, lambda out: xp.matmul(qb, kcT, out=out), mask)  # (b, Hkv, G·Tb, s1)
             P *= 1.0 / Z                                     # softmax over keys, in place: probabilities
             _matmul_into_group_rows(P, self.v[bs, :, :s1], y[:, :, :, r0:r1])    # y rows = P v
 
-    # With S = q̃ kᵀ (+ mask), q̃ = scale·q, P = softmax(S) row by row, y = P v (per batch and k/v head,
+    # With S = q k̃ᵀ (+ mask), k̃ = scale·k, P = softmax(S) row by row, y = P v (per batch and k/v head,
     # the group's query rows stacked; per query block, over the keys it sees):
     #   gv = Pᵀ gy                      (B, Hkv, S, D)   the matmul sums over the G·T rows: GQA for free
     #   gP = gy vᵀ                      (B, Hkv, G·T, S)
     #   gS = P ⊙ (gP − rowsum(gP ⊙ P))  softmax backward; masked P are 0, so masked gS are 0
     #        and rowsum(gP ⊙ P)_r = Σ_s P_rs (gy_r · v_s) = gy_r · y_r  (cheap: D terms, not S)
-    #   gq = scale · gS k               (B, Hkv, G·T, D) -> (B, H, T, D)
-    #   gk = gSᵀ q̃                      (B, Hkv, S, D)   summed over the group by the matmul again
+    #   gq = gS k̃ = (scale·gS) k        (B, Hkv, G·T, D) -> (B, H, T, D)
+    #   gk = scale·gSᵀ q = (scale·gS)ᵀ q (B, Hkv, S, D)  summed over the group by the matmul again
+    # so both take scale·gS, which comes out of gy·scale (T·D numbers, not T·S): scale·gP = (scale·gy) vᵀ.
     # Each query block adds its share to gk and gv over the keys it saw (:s1).
     def backward(self, gy):
         xp = get_array_module(gy)
@@ -855,7 +856,7 @@ class ScaledDotProductAttention(Function):
         H, T = gy.shape[1], gy.shape[2]
         G = H // Hkv
         gy = gy[bs].reshape(-1, Hkv, G, T, D)                # a view: only the head axis is split
-        y, qg = self.y[bs].reshape(gy.shape), self.qg[bs].reshape(gy.shape)
+        y, q5 = self.y[bs].reshape(gy.shape), self.q[bs].reshape(gy.shape)
         gq5 = gq[bs].reshape(gy.shape) if gq is not None else None
         for (r0, r1, s1), P in reversed(list(zip(self.blocks, self.P))):  # the last block sees every key
             every_key = s1 == S
@@ -866,15 +867,14 @@ class ScaledDotProductAttention(Function):
                 _add_key_rows(gv[bs], P.swapaxes(-1, -2), gyb, every_key)            # Pᵀ gy
             if gq is not None or gk is not None:
                 vT = _transposed(self.v[bs, :, :s1])                                # (b, Hkv, D, s1)
-                gS = gyb @ vT                                                        # gP, (b, Hkv, G·Tb, s1)
-                gS -= _dot_last(gyb, y[rows].reshape(gyb.shape))                     # gP − rowsum(gP ⊙ P), as gy·y
-                gS *= P                                                              # gS
+                gys = gyb * self.scale                                               # scale·gy
+                gS = gys @ vT                                                        # scale·gP, (b, Hkv, G·Tb, s1)
+                gS -= _dot_last(gys, y[rows].reshape(gyb.shape))                     # − scale·rowsum(gP ⊙ P), as gy·y
+                gS *= P                                                              # scale·gS
                 if gq is not None:
-                    _matmul_into_group_rows(gS, self.k[bs, :, :s1], gq5[rows])       # gq rows = gS k
+                    _matmul_into_group_rows(gS, self.k[bs, :, :s1], gq5[rows])       # gq rows = (scale·gS) k
                 if gk is not None:
-                    _add_key_rows(gk[bs], gS.swapaxes(-1, -2), qg[rows].reshape(gyb.shape), every_key)  # gSᵀ q̃
-        if gq is not None:
-            gq5 *= self.scale
+                    _add_key_rows(gk[bs], gS.swapaxes(-1, -2), q5[rows].reshape(gyb.shape), every_key)  # (scale·gS)ᵀ q
 
 
 class SelfAttention(ScaledDotProductAttention):
@@ -938,7 +938,7 @@ def _split_heads(qkv, n_head, n_kv_head):
             v.reshape(B, T, n_kv_head, D).transpose(0, 2, 1, 3))
 
 
-# Attention's products with a transposed right operand (q̃ kᵀ, gy vᵀ) go faster with that operand
+# Attention's products with a transposed right operand (q k̃ᵀ, gy vᵀ) go faster with that operand
 # transposed in memory first while one head's keys hold at most this many numbers: OpenBLAS's kernels
 # for small matrices are slower on a transposed operand, and transposing small arrays is cheap. On
 # 2 cores (one per process), per layer: "baby" (6 sequences, 64 keys of 32) scores 90 µs with the
@@ -958,8 +958,8 @@ def _transposed(k):
     return get_array_module(k).ascontiguousarray(kT) if _copies_transposed(k) else kT
 
 
-def _centred_keys_transposed(k):
-    """(k − k̄)ᵀ, k̄ the mean over the keys: (..., S, D) -> (..., D, S), laid out as _transposed does.
+def _centred_keys_transposed(k, scale):
+    """scale·(k − k̄)ᵀ, k̄ the mean over the keys: (..., S, D) -> (..., D, S), laid out as _transposed does.
 
     The centring is free in the copy: the subtraction writes straight into the transposed array.
     Without the copy (long keys), the result is laid out like k, so that the subtraction runs along
@@ -969,7 +969,9 @@ def _centred_keys_transposed(k):
     kT = k.swapaxes(-1, -2)                                  # (..., D, S) view
     out = xp.empty(kT.shape, dtype=k.dtype) if _copies_transposed(k) else \
         xp.empty_like(k).swapaxes(-1, -2)                    # a transposed view of an array laid out like k
-    return xp.subtract(kT, _mean_last(kT), out=out)          # the mean through _sum_last's product with ones
+    xp.subtract(kT, _mean_last(kT), out=out)                 # the mean through _sum_last's product with ones
+    out *= scale                                             # D·S numbers per head, not the T·S scores
+    return out
 
 
 def _matmul_into_group_rows(a, b, out):
