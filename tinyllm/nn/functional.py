@@ -816,7 +816,7 @@ class ScaledDotProductAttention(Function):
             Tb, P = r1 - r0, P[bs]
             qb = q5[:, :, :, r0:r1].reshape(-1, Hkv, G * Tb, D)  # the group's query rows, stacked (copied if G > 1)
             # k̃ = scale·(k − k̄), k̄ the keys' mean: the scale on the keys (D numbers per key, not s1
-            # per query), and q·(k − k̄) is each score minus its row's mean q·k̄, the first shift of
+            # per query), and q·k̃ is each score minus its row's mean scale·q·k̄, the first shift of
             # the softmax (see _exp_rows)
             kcT = _centred_keys_transposed(self.k[bs, :, :s1], self.scale)  # (b, Hkv, D, s1), maybe a transposed view
             # row g·Tb + i of a group is query r0 + i of head g: the (Tb, s1) mask repeats G times
