@@ -211,17 +211,20 @@ class DataParallel:
         m, v = self.moments
         if any(m_i is not m.arrays[i] or v_i is not v.arrays[i] for i, (_, _, m_i, v_i, _) in zip(numbers, updates)):
             self._share_moments(optimizer)                  # new states, or states loaded since
-        # contiguous gradients, so that this process cuts the parameters where the workers do
-        ours = [(self.weights.arrays[i], numpy.ascontiguousarray(grad), m.arrays[i], v.arrays[i], hyper)
-                for i, (_, grad, _, _, hyper) in zip(numbers, updates)]
         plan = numpy.array([(i,) + hyper for i, (*_, hyper) in zip(numbers, updates)], dtype=numpy.float64)
         # the usual case: every parameter, one set of hyperparameters but for weight decay, and the
         # gradients where backward wrote them; then the blocks are updated whole, with no call per parameter
         whole = (self.whole_blocks and sorted(numbers) == list(range(len(self.params)))
-                 and all(grad is self.grads.arrays[i] for i, (_, grad, *_) in zip(numbers, ours))
+                 and all(grad is self.grads.arrays[i] for i, (_, grad, *_) in zip(numbers, updates))
                  and len({hyper[:4] + hyper[5:] for *_, hyper in updates}) == 1)
-        sizes = [data.size for data, *_ in ours]
-        total = self.weights.block.size if whole else sum(sizes)
+        if whole:
+            total = self.weights.block.size
+        else:                                               # parameter by parameter, taken end to end,
+            # with contiguous gradients, so that this process cuts the parameters where the workers do
+            ours = [(self.weights.arrays[i], numpy.ascontiguousarray(grad), m.arrays[i], v.arrays[i], hyper)
+                    for i, (_, grad, _, _, hyper) in zip(numbers, updates)]
+            sizes = [data.size for data, *_ in ours]
+            total = sum(sizes)
         k = len(self._workers) + 1
         cut = [total * r // k for r in range(k + 1)]        # process r updates the elements cut[r] .. cut[r + 1]
         self._calls += 1
