@@ -325,7 +325,7 @@ class RMSNorm(Function):
         rstd = 1.0 / xp.sqrt(_dot_last(x, x) / x.shape[-1] + self.eps)   # (..., 1)
         n = x * rstd                                         # (..., C) n = x·rstd
         self.n, self.rstd, self.w = n, rstd, w               # n, not x: backward needs only n (same memory)
-        return n * w if w is not None else n.copy()
+        return _scale_shift(n, w, None, out=xp.empty_like(n))   # y = n·w (a copy of n without w)
 
     def rebuild_output(self):
         """y again, from the n that backward keeps (for Linear): the same numbers as forward's."""
