@@ -211,3 +211,39 @@ def test_adamw_on_gpu_runs_in_blocks_of_65536(cupy_standin):
             opt.step()
         launches.append(sum(k for site, k in r.launches.items() if site.startswith("tinyllm/optim.py")))
     assert launches[1] > 3 * launches[0] - 8, launches
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU scripts run end to end on the stand-in (their --smoke modes)
+
+
+def test_bench_gpu_smoke_runs(cupy_standin, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
+    assert bench_gpu.main(["--smoke", "--no-torch", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "STAND-IN" in out and "tok/s" in out
+    import json
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [r["precision"] for r in rows] == ["fp32", "tf32", "bf16"]
+    assert rows[0]["tinyllm"]["status"] == "ok" and rows[0]["standin"]
+    assert bench_gpu.peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.4e12
+
+
+def test_gpu_check_smoke_runs(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path), STAGES="2 4", PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh"), "--smoke"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert done.returncode == 0, log[-3000:]
+    assert "SMOKE RUN" in log and "quality run: best val loss" in log
+    assert (tmp_path / "quality_metrics.jsonl").is_file()
