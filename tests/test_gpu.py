@@ -123,6 +123,9 @@ def test_training_checkpoint_and_resume_on_gpu(tmp_path):
     b = load_file(tmp_path / "resumed" / "ckpt" / "model.safetensors")
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    from tinyllm.cli import main
+    assert main(["sample", "--ckpt", str(tmp_path / "resumed"), "--prompt", "def", "--max-new-tokens", "5",
+                 "--device", "cuda", "--seed", "1"]) == 0
 
 
 def test_cuda_device_name_reports_cuda():
