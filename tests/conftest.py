@@ -22,6 +22,8 @@ from tinyllm import backend
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# TINYLLM_CUPY=standin is for scripts; here the stand-in is plugged in test by test (below)
+os.environ.pop("TINYLLM_CUPY", None)
 # Real CuPy with a GPU (not the stand-in, even when TINYLLM_CUPY=standin is set for scripts)
 REAL_GPU = tl.cuda_available() and not backend.cupy_is_standin()
 GPU_TESTS = os.environ.get("TINYLLM_TEST_GPU", "auto").lower()   # auto | skip
