@@ -71,7 +71,8 @@ stage() {
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 
 : > "$LOG"
-log "gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')" \
+COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')
+log "gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $COMMIT" \
     "$([[ $SMOKE == 1 ]] && echo '-- SMOKE RUN on the CuPy stand-in: no GPU, no GPU figures')"
 
 if wants 0; then
@@ -82,7 +83,8 @@ if wants 0; then
 import platform, numpy
 print('python', platform.python_version(), '| numpy', numpy.__version__)
 from tinyllm import backend
-print('tinyllm sees CUDA:', backend.cuda_available(), '| stand-in:', backend.cuda_available() and backend.cupy_is_standin())
+cuda = backend.cuda_available()
+print('tinyllm sees CUDA:', cuda, '| stand-in:', cuda and backend.cupy_is_standin())
 if backend.cuda_available():
     xp = backend.xp_for('cuda')
     props = xp.cuda.runtime.getDeviceProperties(0)
@@ -108,7 +110,8 @@ fi
 
 if wants 2; then
     if [[ -f tests/test_kernels_cuda.py ]]; then
-        stage "2 kernels against their twins" 60 "$PYTHON" -m pytest -q -p no:cacheprovider -rfE tests/test_kernels_cuda.py
+        stage "2 kernels against their twins" 60 "$PYTHON" -m pytest -q -p no:cacheprovider -rfE \
+            tests/test_kernels_cuda.py
     else
         log ""
         log "===== 2 kernels against their twins: tests/test_kernels_cuda.py does not exist yet (issue 23 part 2)"

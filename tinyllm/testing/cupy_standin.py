@@ -4,7 +4,9 @@ would have paid for.
 tinyllm's GPU path is plain `xp.` array code run by CuPy. This module lets that code run, and be
 tested, where there is no GPU: `tinyllm.backend.use_cupy(cupy_standin.cupy, cupy_standin.cupyx)` (or
 TINYLLM_CUPY=standin) makes `device="cuda"` use it. `cupy` and `cupyx` here are module objects named
-like CuPy's; the rest of this file (record, totals, reset, configure) is the stand-in's own API. What it keeps from CuPy (version 14.2, read in CuPy's source):
+like CuPy's; the rest of this file (record, totals, reset, configure) is the stand-in's own API.
+
+What it keeps from CuPy (version 14.2, read in CuPy's source):
 
 - its arrays are `cupy.ndarray` (`type(a).__module__ == "cupy"`), not numpy.ndarray;
 - no silent host/device mixing: a numpy.ndarray operand of a device op is a TypeError
