@@ -16,6 +16,10 @@ setup(
         # optional cross-checks the tests run when present: our safetensors files read by the
         # reference library, our GPT-2 tokenizer against tiktoken, plots drawn
         "check": ["safetensors", "tiktoken", "matplotlib"],
+        # data parallelism over processes and machines (tinyllm.parallel, `tinyllm train --nproc N`):
+        # mpi4py with an MPI implementation from the package registry (its mpiexec included), so
+        # that a fresh machine needs no system MPI. Open MPI on Linux and macOS, Intel MPI on Windows.
+        "mpi": ["mpi4py>=4", "openmpi; sys_platform != 'win32'", "impi-rt; sys_platform == 'win32'"],
     },
     entry_points={"console_scripts": ["tinyllm = tinyllm.cli:main"]},
 )

@@ -329,9 +329,12 @@ def _topological_order(start):
             continue
         visited.add(id(node))
         stack.append((node, True))
-        for parent in _parents(node):
-            if id(parent) not in visited:
-                stack.append((parent, False))
+        # leaves onto the stack first, so that they are visited last: each leaf then comes right after
+        # the last op that uses it, not at the very end, and its gradient is complete (its hooks run)
+        # while the rest of backward still runs. Leaves have no parents: the ops' order is unchanged.
+        parents = [p for p in _parents(node) if id(p) not in visited]
+        stack.extend((p, False) for p in parents if isinstance(p, Tensor))
+        stack.extend((p, False) for p in parents if not isinstance(p, Tensor))
     order.reverse()  # post-order reversed: the start first, leaves last
     return order
 
