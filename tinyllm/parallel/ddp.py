@@ -273,8 +273,12 @@ class DataParallel:
         self._works = []
         self.given = totals[1:] > 0
         for i, p in enumerate(self.params):
-            if not self.given[i]:
-                p.grad = None          # no process gave one: as in one process, AdamW skips it
+            if not self.given[i] or self.zero:
+                p.grad = None          # no process gave one (as in one process, AdamW skips it), or ZeRO
+            else:                      # the sum, also where this process gave none (rows without targets)
+                bucket, off, size = self.place[i]
+                if p.grad is None:
+                    p.grad = self._grad_views[i] = bucket.grads[off:off + size].reshape(p.shape)
         return self.xp.asarray(totals[0], dtype=self.dtype)
 
     # --- after backward ----------------------------------------------------------------------------

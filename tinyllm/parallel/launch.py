@@ -46,8 +46,8 @@ def mpi_flavour(mpiexec):
     return "other"
 
 
-def command(nproc, args, mpiexec=None, flavour=None, cores=None, is_root=None):
-    """(argv, environment changes) that start `tinyllm train ARGS` in nproc processes."""
+def command(nproc, program, mpiexec=None, flavour=None, cores=None, is_root=None):
+    """(argv, environment changes) that start the program (an argv list) in nproc processes."""
     mpiexec = mpiexec or find_mpiexec()
     if mpiexec is None:
         raise RuntimeError("--nproc starts processes through MPI's mpiexec, and none was found: install the mpi "
@@ -61,7 +61,7 @@ def command(nproc, args, mpiexec=None, flavour=None, cores=None, is_root=None):
             argv.append("--allow-run-as-root")
         if nproc > cores:
             argv.append("--oversubscribe")
-    argv += [sys.executable, "-m", "tinyllm", "train", *args]
+    argv += list(program)
     env = {name: str(max(1, cores // nproc)) for name in THREAD_VARIABLES if name not in os.environ}
     return argv, env
 
@@ -69,7 +69,7 @@ def command(nproc, args, mpiexec=None, flavour=None, cores=None, is_root=None):
 def launch(nproc, args, log=print):
     """Run `tinyllm train ARGS` in nproc processes; returns mpiexec's exit status. Ctrl-C goes to
     mpiexec, which stops the processes (each saves a checkpoint as Ctrl-C does, if it has time)."""
-    argv, env = command(nproc, args)
+    argv, env = command(nproc, [sys.executable, "-m", "tinyllm", "train", *args])
     log("launching: " + " ".join(argv))
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)       # the terminal's Ctrl-C reaches mpiexec
     try:
