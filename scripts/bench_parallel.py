@@ -47,7 +47,7 @@ def time_steps(step, steps, warmup):
 
 # ---------------------------------------------------------------------------------------- workers
 
-def mpi_worker(name, steps, warmup, zero, bucket_bytes):
+def mpi_worker(name, steps, warmup, zero, bucket_bytes, overlap):
     """Under mpiexec (or alone: one process, no MPI): time steps on rank 0, print JSON there."""
     from tinyllm.parallel import DataParallel, ZeroAdamW, init, under_mpiexec
     cfg = CONFIGS[name]
@@ -55,7 +55,7 @@ def mpi_worker(name, steps, warmup, zero, bucket_bytes):
     model, optimizer = build_tinyllm(cfg)
     if under_mpiexec():
         comm = init()
-        engine = DataParallel(model, comm, bucket_bytes=bucket_bytes, zero=zero)
+        engine = DataParallel(model, comm, bucket_bytes=bucket_bytes, zero=zero, overlap=overlap)
         if zero:
             optimizer = ZeroAdamW(optimizer, engine)
 
@@ -104,7 +104,7 @@ def fork_worker(name, steps, warmup, cores):
 
 # ---------------------------------------------------------------------------------------- runs
 
-def run(kind, name, args, nproc=1, zero=False, bucket_bytes=None):
+def run(kind, name, args, nproc=1, zero=False, bucket_bytes=None, overlap=True):
     """One measurement in fresh processes: {"ms": [...], "peak_mib": [...]}."""
     from tinyllm.parallel.launch import THREAD_VARIABLES, command
     cores = os.cpu_count() or 1
@@ -113,7 +113,7 @@ def run(kind, name, args, nproc=1, zero=False, bucket_bytes=None):
     if kind == "fork":
         argv = base + ["--fork-worker"]
     else:
-        program = base + ["--mpi-worker"] + (["--zero"] if zero else []) + \
+        program = base + ["--mpi-worker"] + (["--zero"] if zero else []) + ([] if overlap else ["--no-overlap"]) + \
             (["--bucket-bytes", str(bucket_bytes)] if bucket_bytes else [])
         if nproc == 1:
             argv = program                                 # one process, BLAS threads on every core
@@ -145,13 +145,17 @@ def main():
     p.add_argument("--mpi-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fork-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--zero", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variants", action="store_true",
+                   help="also MPI without overlap (blocking calls) and ZeRO-1, on 2 processes")
     args = p.parse_args()
     from tinyllm.backend import keep_freed_host_memory
     keep_freed_host_memory()                         # as tinyllm train does
     names = args.config or ["baby", "char"]
     if args.mpi_worker:
         from tinyllm.parallel import BUCKET_BYTES
-        return mpi_worker(names[0], args.steps, args.warmup, args.zero, args.bucket_bytes or BUCKET_BYTES)
+        return mpi_worker(names[0], args.steps, args.warmup, args.zero, args.bucket_bytes or BUCKET_BYTES,
+                          not args.no_overlap)
     if args.fork_worker:
         return fork_worker(names[0], args.steps, args.warmup, 2)
     cores = os.cpu_count()
@@ -164,6 +168,9 @@ def main():
         engines = [("mpi2", dict(kind="mpi", nproc=2))]
         if fork_available():
             engines.insert(0, ("fork2", dict(kind="fork")))
+        if args.variants:
+            engines += [("mpi2-blocking", dict(kind="mpi", nproc=2, overlap=False)),
+                        ("zero2-blocking", dict(kind="mpi", nproc=2, zero=True, overlap=False))]
         if args.scaling:
             engines += [("mpi1", dict(kind="mpi", nproc=1)), ("mpi3", dict(kind="mpi", nproc=3)),
                         ("zero2", dict(kind="mpi", nproc=2, zero=True)), ("zero3", dict(kind="mpi", nproc=3, zero=True))]
@@ -183,7 +190,7 @@ def main():
             ms = statistics.median(per[label])
             summary[label] = {"ms": ms, "tokens_per_s": tokens / ms * 1e3, "rounds_ms": per[label],
                               "peak_mib": peaks[label]}
-            print(f"{label:>6}: median {ms:8.2f} ms/step ({tokens / ms * 1e3:,.0f} tok/s); peak RSS per process "
+            print(f"{label:>14}: median {ms:8.2f} ms/step ({tokens / ms * 1e3:,.0f} tok/s); peak RSS per process "
                   + ", ".join(f"{m:.0f}" for m in peaks[label]) + " MiB")
         if "fork2" in per:
             ratios = [m / f for m, f in zip(per["mpi2"], per["fork2"])]

@@ -12,7 +12,9 @@ message belongs to but its place in the sequence):
     barrier()
 
 The first three return a Work at once and run while the caller goes on (computing the next
-gradients, say); `work.wait()` returns when the result is there. `broadcast` and `barrier` wait.
+gradients, say); `work.wait()` returns when the result is there. With now=True they are done when
+they return (MPI then uses its blocking calls, whose algorithms are often faster than the
+non-blocking ones: docs/parallel.md). `broadcast` and `barrier` wait.
 Arrays are those of the back end: NumPy arrays for MPI (host memory), CuPy arrays for NCCL (each
 process's own GPU). `host_sum(values)` adds small host arrays over the processes (counts, losses,
 flags) whatever the back end.
@@ -97,13 +99,13 @@ class Communicator:
     timeout = DEFAULT_TIMEOUT
     name = "?"
 
-    def allreduce(self, array):
+    def allreduce(self, array, now=False):
         raise NotImplementedError
 
-    def reduce_scatter(self, array, out):
+    def reduce_scatter(self, array, out, now=False):
         raise NotImplementedError
 
-    def allgather(self, array):
+    def allgather(self, array, now=False):
         raise NotImplementedError
 
     def broadcast(self, array, root=0):

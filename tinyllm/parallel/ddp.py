@@ -78,10 +78,13 @@ class _Bucket:
 
 class DataParallel:
     """model's forward, backward and gradient sum over comm.size processes (see the module
-    docstring). zero: reduce-scatter instead of allreduce, for tinyllm.parallel.ZeroAdamW."""
+    docstring). zero: reduce-scatter instead of allreduce, for tinyllm.parallel.ZeroAdamW.
+    overlap: each bucket's sum runs while backward goes on (True), or is done before backward goes
+    on (False: MPI's blocking calls; on CPU cores that backward keeps busy there is nothing to
+    overlap with, see docs/parallel.md)."""
 
-    def __init__(self, model, comm, bucket_bytes=BUCKET_BYTES, zero=False):
-        self.model, self.comm, self.zero = model, comm, bool(zero)
+    def __init__(self, model, comm, bucket_bytes=BUCKET_BYTES, zero=False, overlap=True):
+        self.model, self.comm, self.zero, self.overlap = model, comm, bool(zero), bool(overlap)
         self.rank, self.size = comm.rank, comm.size
         self.params = model.parameters()
         dtypes = {p.dtype for p in self.params}
@@ -249,10 +252,11 @@ class DataParallel:
         """Start the buckets that are complete, in their order."""
         while self._next < len(self.buckets) and self.buckets[self._next].pending == 0:
             bucket = self.buckets[self._next]
+            now = not self.overlap
             if self.zero:
-                self._works.append(self.comm.reduce_scatter(bucket.grads, bucket.chunk))
+                self._works.append(self.comm.reduce_scatter(bucket.grads, bucket.chunk, now=now))
             else:
-                self._works.append(self.comm.allreduce(bucket.grads))
+                self._works.append(self.comm.allreduce(bucket.grads, now=now))
             self._next += 1
 
     def _finish(self):

@@ -47,21 +47,33 @@ class MPICommunicator(Communicator):
         work.arrays = arrays            # kept alive until the collective is done
         return work
 
-    def allreduce(self, array):
+    def _done(self, what):
+        return Work(self, what, lambda: True)
+
+    def allreduce(self, array, now=False):
         _check(array)
+        if now:
+            self.comm.Allreduce(self.MPI.IN_PLACE, array, op=self.MPI.SUM)
+            return self._done("allreduce")
         return self._work("allreduce", self.comm.Iallreduce(self.MPI.IN_PLACE, array, op=self.MPI.SUM), array)
 
-    def reduce_scatter(self, array, out):
+    def reduce_scatter(self, array, out, now=False):
         _check(array, out)
         if array.size != self.size * out.size:
             raise ValueError(f"reduce_scatter of {array.size} numbers over {self.size} processes gives chunks of "
                              f"{array.size / self.size:g}, not {out.size}")
+        if now:
+            self.comm.Reduce_scatter_block(array, out, op=self.MPI.SUM)
+            return self._done("reduce_scatter")
         return self._work("reduce_scatter", self.comm.Ireduce_scatter_block(array, out, op=self.MPI.SUM), array, out)
 
-    def allgather(self, array):
+    def allgather(self, array, now=False):
         _check(array)
         if array.size % self.size:
             raise ValueError(f"allgather of {array.size} numbers does not cut into {self.size} equal chunks")
+        if now:
+            self.comm.Allgather(self.MPI.IN_PLACE, array)
+            return self._done("allgather")
         return self._work("allgather", self.comm.Iallgather(self.MPI.IN_PLACE, array), array)
 
     def broadcast(self, array, root=0):

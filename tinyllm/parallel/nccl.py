@@ -8,7 +8,8 @@ gradients.
 
 Each collective runs on a stream of its own, after the work already queued on the caller's stream
 (an event orders them), so the GPU computes the next layer's gradients while NCCL sums a bucket.
-Work.done() asks an event recorded after the collective.
+Work.done() asks an event recorded after the collective. (`now` changes nothing here: the host
+never waits for a launch, the GPU orders the work.)
 
 This back end awaits a GPU: the tests run it through the same contract as MPI when one is lent
 (tests/test_parallel.py), and on machines without one they run the MPI back end only.
@@ -79,12 +80,12 @@ class NCCLCommunicator(Communicator):
         work.arrays = arrays            # kept alive (out of CuPy's memory pool) until the collective is done
         return work
 
-    def allreduce(self, array):
+    def allreduce(self, array, now=False):
         t = self._type(array)
         return self._launch("allreduce", lambda s: self.comm.allReduce(
             array.data.ptr, array.data.ptr, array.size, t, self.nccl.NCCL_SUM, s), array)
 
-    def reduce_scatter(self, array, out):
+    def reduce_scatter(self, array, out, now=False):
         t = self._type(array)
         if self._type(out) != t or array.size != self.size * out.size:
             raise ValueError(f"reduce_scatter of {array.size} {array.dtype} numbers over {self.size} processes "
@@ -92,7 +93,7 @@ class NCCLCommunicator(Communicator):
         return self._launch("reduce_scatter", lambda s: self.comm.reduceScatter(
             array.data.ptr, out.data.ptr, out.size, t, self.nccl.NCCL_SUM, s), array, out)
 
-    def allgather(self, array):
+    def allgather(self, array, now=False):
         t = self._type(array)
         if array.size % self.size:
             raise ValueError(f"allgather of {array.size} numbers does not cut into {self.size} equal chunks")

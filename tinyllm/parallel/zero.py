@@ -90,7 +90,7 @@ class ZeroAdamW:
             for q in self.pieces:
                 q.grad = q.chunk if engine.given[q.number] else None  # no gradient anywhere: skipped, as AdamW does
             self.inner.step()
-        wait_all([engine.comm.allgather(bucket.weights) for bucket in engine.buckets])
+        wait_all([engine.comm.allgather(bucket.weights, now=not engine.overlap) for bucket in engine.buckets])
 
     def state_dict(self):
         """AdamW.state_dict() of the whole model, the moments gathered from every process (a
