@@ -4,10 +4,12 @@
 
 Each process writes OUT_DIR/rank<r>.json: {check name: "ok" or what went wrong}; one job runs many
 checks, since starting one costs about a second. Scenarios:
-- checks: the communicator's collectives (the contract; with `--backend nccl`, on GPUs, only
-  these), then DataParallel and ZeroAdamW against one process computing the whole batch;
-- die: rank 1 fails at its third step in the way argv[3] says (raise, kill, hang): the test looks
-  at how the job ends.
+- checks DATA ROOT: the communicator's collectives (the contract; with `--backend nccl`, on GPUs,
+  only these), then DataParallel and ZeroAdamW against one process computing the whole batch,
+  then `tinyllm train` in every process: runs, bit-exact resumes, ZeRO-1, and no process but
+  rank 0 writes anything under ROOT;
+- die: rank 1 fails at its third step in the way argv[3] says (raise, kill, hang, or an error in
+  the trainer): the test looks at how the job ends.
 """
 import json
 import os
@@ -276,8 +278,99 @@ def engine(comm):
         assert loss.dtype == np.float32 and abs(float(loss) - ref.item()) < 1e-5
 
 
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "5",
+        "--eval-iters", "2", "--log-interval", "1", "--sample-tokens", "0", "--warmup-iters", "2"]
+
+
+def train(data, out, *args):
+    from tinyllm.train import main as train_main
+    return train_main(["--data", str(data), "--out", str(out), *TINY, *args])
+
+
+def files(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(Path(directory).rglob("*"))
+            if p.is_file()}
+
+
+def writes_under(root):
+    """Record every write this process makes under root (an audit hook: opens for writing, mkdir,
+    rename, remove, copy): the list it returns fills as they happen."""
+    root, seen = str(root), []
+    names = {"os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "os.unlink", "shutil.copyfile",
+             "shutil.rmtree", "os.truncate", "os.symlink", "os.link", "os.utime", "os.chmod"}
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = (list(args) + [None, None])[:3]
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
+                (isinstance(flags, int) and flags & write_flags)
+            if writing and str(path).startswith(root):
+                seen.append((event, str(path)))
+        elif event in names and any(str(a).startswith(root) for a in args if isinstance(a, (str, Path))):
+            seen.append((event, str(args[0])))
+    sys.addaudithook(hook)
+    return seen
+
+
+def trainer(comm, data, root):
+    """`tinyllm train` in every process of this job, several runs one after the other."""
+    root = Path(root)
+    seen = writes_under(root) if comm.rank != 0 else []
+    common = ["--max-iters", "6", "--lr-decay-iters", "6", "--eval-interval", "3", "--grad-accum", "2",
+              "--dropout", "0.1"]
+    first = ["--max-iters", "3"] + common[2:]
+
+    @check("trainer: runs")
+    def _():
+        assert train(data, root / "straight", *common) == 0
+        assert train(data, root / "plain", "--max-iters", "4", "--eval-interval", "2") == 0
+
+    @check("trainer: resume is bit-exact")
+    def _():
+        assert train(data, root / "resumed", *first) == 0
+        assert train(data, root / "resumed", *common, "--resume") == 0
+        if comm.rank == 0:
+            a, b = files(root / "straight" / "ckpt"), files(root / "resumed" / "ckpt")
+            assert a.keys() == b.keys()
+            for name in ("model.safetensors", "optimizer.safetensors"):
+                assert a[name] == b[name], name
+
+    @check("trainer: zero-1, its resume bit-exact, close to plain data parallelism")
+    def _():
+        assert train(data, root / "zero", *common, "--zero", "true") == 0
+        assert train(data, root / "zero-resumed", *first, "--zero", "true") == 0
+        assert train(data, root / "zero-resumed", *common, "--zero", "true", "--resume") == 0
+        if comm.rank == 0:
+            from tinyllm.safetensors_io import load_file
+            a, b = files(root / "zero" / "ckpt"), files(root / "zero-resumed" / "ckpt")
+            for name in ("model.safetensors", "optimizer.safetensors"):
+                assert a[name] == b[name], name
+            plain = load_file(root / "straight" / "ckpt" / "model.safetensors")
+            zero = load_file(root / "zero" / "ckpt" / "model.safetensors")
+            for key in plain:
+                np.testing.assert_allclose(zero[key], plain[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+    @check("trainer: only rank 0 writes")
+    def _():
+        assert seen == [], seen[:5]
+
+
 def die(comm, how):
     """Rank 1 fails at its third step; the others go on into the collectives."""
+    if how == "trainer":
+        from tinyllm import train as training
+        step = training.Trainer.train_step
+        calls = []
+
+        def failing(self):
+            calls.append(1)
+            if comm.rank == 1 and len(calls) == 3:
+                raise ValueError("a deliberate error in rank 1's trainer")
+            return step(self)
+        training.Trainer.train_step = failing
+        train(sys.argv[4], Path(sys.argv[5]) / "run", "--max-iters", "50", "--eval-interval", "50")
+        return
     x, y = batch(4)
     model = gpt()
     optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95))
@@ -314,6 +407,7 @@ def main():
         contract(comm, xp)
         if backend == "mpi":
             engine(comm)
+            trainer(comm, sys.argv[3], sys.argv[4])
     elif scenario == "die":
         try:
             die(comm, sys.argv[3])

@@ -43,6 +43,9 @@ class TrainConfig:
     dtype: str = "float32"
     threads: int = 0                 # CPU cores to use (tinyllm.threads); 0: chosen by size and batch
     parallel: str = "auto"           # what they cut: the "batch" (processes), "layers" (threads), or "auto"
+    nproc: int = 1                   # processes, each with its rows of every batch (tinyllm.parallel, through
+                                     # mpiexec); under mpiexec the job's size
+    zero: bool = False               # with several processes: AdamW's state cut over them (ZeRO-1)
     # model (GPTConfig fields)
     n_layer: int = 4
     n_head: int = 4
@@ -81,6 +84,8 @@ class TrainConfig:
                              "(bfloat16/float16 with float32 master weights) is not implemented yet")
         if self.threads < 0:
             raise ValueError(f"--threads must be 0 (chosen by model size) or more, got {self.threads}")
+        if self.nproc < 1:
+            raise ValueError(f"--nproc must be at least 1, got {self.nproc}")
         if self.parallel not in ("auto", "layers", "batch"):
             raise ValueError(f"--parallel must be auto, layers or batch, got {self.parallel!r}")
         if self.lr_decay_iters is None:
@@ -203,18 +208,34 @@ def known_peak_flops(device, dtype):
 
 
 class Trainer:
-    def __init__(self, cfg, log=print):
+    """comm: a tinyllm.parallel communicator of several processes (each takes its rows of every
+    batch; rank 0 alone writes the run directory and the terminal lines), or None: one process."""
+
+    def __init__(self, cfg, log=print, comm=None):
         from tinyllm.data import BatchLoader, load_meta
-        self.cfg, self.log = cfg, log
+        self.comm = comm
+        self.writes = comm is None or comm.rank == 0      # rank 0 writes checkpoints, metrics, the terminal
+        self.cfg, self.log = cfg, (log if self.writes else _silent)
+        log = self.log
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "ckpt"
+        if comm is not None and not self.writes:
+            comm.barrier()                                 # rank 0 prepares the default dataset first
         data_dir = ensure_data(cfg, log)
+        if comm is not None and self.writes:
+            comm.barrier()
         self.meta = load_meta(data_dir)
         self.data_dir = data_dir
         self.model = build_model(cfg, self.meta["vocab_size"])
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
         # "batch": each CPU core's process runs forward and backward on its own rows of each batch
-        self.data_parallel = DataParallel(self.model) if cfg.parallel == "batch" else None
+        self.data_parallel = DataParallel(self.model) if cfg.parallel == "batch" and comm is None else None
+        self.engine = None       # several processes: tinyllm.parallel's engine, the gradients summed over them
+        if comm is not None:
+            from tinyllm.parallel import DataParallel as Engine, ZeroAdamW
+            self.engine = Engine(self.model, comm, zero=cfg.zero)
+            if cfg.zero:
+                self.optimizer = ZeroAdamW(self.optimizer, self.engine)
         B, T = cfg.batch_size, cfg.block_size
         self.loaders = {  # training batches, and separate generators for evaluation
             "train": BatchLoader(data_dir, "train", B, T, seed=cfg.seed),
@@ -229,10 +250,11 @@ class Trainer:
         self.peak_flops = cfg.peak_flops or known_peak_flops(cfg.device, cfg.dtype)
         self.flops_per_token = self.model.flops_per_token()
         if cfg.resume:
-            self.load()
-        else:
+            self.load()                                    # every process reads the checkpoint
+        elif self.writes:
             self.out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(data_dir / self.meta["tokenizer_file"], self.out / "tokenizer.txt")
+        if self.writes:
+            shutil.copyfile(data_dir / self.meta["tokenizer_file"], self.out / "tokenizer.txt")
 
     # --- checkpoints ------------------------------------------------------------------------------
     def state(self, optimizer_meta):
@@ -251,7 +273,9 @@ class Trainer:
     def save(self):
         from tinyllm.checkpoint import save_checkpoint
         from tinyllm.optim import optimizer_state_to_flat
-        arrays, optimizer_meta = optimizer_state_to_flat(self.optimizer.state_dict())
+        arrays, optimizer_meta = optimizer_state_to_flat(self.optimizer.state_dict())   # (ZeRO: gathered)
+        if not self.writes:
+            return
         arrays = {k: backend.to_numpy(v) for k, v in arrays.items()}
         save_checkpoint(self.ckpt_dir, model_state=self.model.state_dict(), optimizer_flat=arrays,
                         state=self.state(optimizer_meta))
@@ -284,17 +308,20 @@ class Trainer:
     def evaluate(self):
         """Mean loss over eval_iters batches of each split, model in eval mode (no dropout)."""
         self.model.eval()
-        losses = {}
-        for split in ("train", "val"):
+        totals = numpy.zeros(2)
+        for k, split in enumerate(("train", "val")):
             loader = self.loaders[f"eval_{split}"]
-            total = 0.0
             for _ in range(self.cfg.eval_iters):
+                if self.engine is not None:                # this process's rows, weighted: summed below
+                    totals[k] += self.engine.partial_loss(*loader.next_batch())
+                    continue
                 x, y = self._batch(loader)
                 _, loss = self.model(x, y)
-                total += float(loss.item())
-            losses[split] = total / self.cfg.eval_iters
+                totals[k] += float(loss.item())
+        if self.engine is not None:
+            totals = self.comm.host_sum(totals)
         self.model.train()
-        return losses
+        return {"train": float(totals[0]) / self.cfg.eval_iters, "val": float(totals[1]) / self.cfg.eval_iters}
 
     def _batch(self, loader):
         x, y = loader.next_batch()
@@ -309,7 +336,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
+        for k in range(cfg.grad_accum):
+            if self.engine is not None:       # whole batches on the host: each process takes its rows
+                x, y = self.loaders["train"].next_batch()
+                loss = self.engine.forward_backward(x, y, scale=1.0 / cfg.grad_accum, sync=k == cfg.grad_accum - 1)
+                loss_sum = 0.0 if loss is None else loss   # the last, synchronised call sums them all
+                continue
             x, y = self._batch(self.loaders["train"])
             if self.data_parallel is not None:
                 loss = self.data_parallel.forward_backward(x, y, scale=1.0 / cfg.grad_accum)
@@ -319,10 +351,11 @@ class Trainer:
                 loss = loss.data
             loss_sum += loss                    # stays on the device: no sync here
         params = self.model.parameters()
+        clip = clip_grad_norm_ if self.engine is None else lambda _, max_norm: self.engine.clip_grad_norm_(max_norm)
         if cfg.grad_clip > 0:
-            grad_norm = clip_grad_norm_(params, cfg.grad_clip)
+            grad_norm = clip(params, cfg.grad_clip)
         else:
-            grad_norm = clip_grad_norm_(params, math.inf)  # measures only
+            grad_norm = clip(params, math.inf)  # measures only
         loss_value = float(loss_sum) / cfg.grad_accum
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
@@ -339,7 +372,7 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------------------
     def run(self):
         cfg = self.cfg
-        metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
+        metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8") if self.writes else _NoFile()
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
         start_time = time.perf_counter()
         start_step = self.step
@@ -347,6 +380,9 @@ class Trainer:
         n = threads.get_num_threads()
         cut = (f"{n} processes, the batch cut over them" if self.data_parallel is not None and n > 1 else
                f"{n} thread(s)")
+        if self.comm is not None:
+            cut = (f"{self.comm.size} processes ({self.comm.name.upper()}), the batch cut over them"
+                   + (", AdamW's state too (ZeRO-1)" if cfg.zero else ""))
         where = f"{cfg.device}, {cut}" if backend.check_device(cfg.device) == "cpu" else cfg.device
         self.log(f"model: {self.model.num_parameters():,} parameters on {where}; data: {self.data_dir} "
                  f"(vocab {self.meta['vocab_size']}); {cfg.max_iters} steps of {tokens_per_step} tokens")
@@ -359,6 +395,8 @@ class Trainer:
                     self.save()
                 if self.step >= cfg.max_iters:
                     break
+                if self.comm is not None:     # every process stops at the same step (a Ctrl-C reaches each)
+                    self.stop_requested = self.comm.any(self.stop_requested)
                 if self.stop_requested:
                     self.save()
                     self.log(f"interrupted: checkpoint saved at step {self.step} in {self.ckpt_dir}; "
@@ -431,6 +469,23 @@ class Trainer:
         return tokenizer.decode(backend.to_numpy(ids)[0].tolist())
 
 
+def _silent(*args, **kwargs):
+    """The log of a process other than rank 0: nothing on the terminal."""
+
+
+class _NoFile:
+    """metrics.jsonl in a process other than rank 0: written nowhere."""
+
+    def write(self, text):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
 def _json_float(x):
     return x if math.isfinite(x) else str(x)
 
@@ -442,27 +497,53 @@ def _duration(seconds):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    comm = None
     try:
         cfg = parse_config(argv)
+        from tinyllm import parallel
+        if not parallel.under_mpiexec():
+            if cfg.nproc > 1:                 # this process starts the others through mpiexec, then waits
+                from tinyllm.parallel.launch import launch
+                return launch(cfg.nproc, argv)
+        else:
+            comm = parallel.init(cfg.device)
+            if cfg.nproc > 1 and cfg.nproc != comm.size:
+                raise ValueError(f"--nproc {cfg.nproc}, but mpiexec started {comm.size} processes: under mpiexec "
+                                 "leave --nproc out (mpiexec -n sets the number)")
+            if comm.size == 1:
+                comm = None
         backend.keep_freed_host_memory()  # reuse activation memory step after step (see its docstring)
         on_cpu = backend.check_device(cfg.device) == "cpu"
-        if on_cpu:
+        if comm is not None:
+            if cfg.parallel == "batch":
+                raise ValueError("--parallel batch forks processes of its own; with several MPI processes each "
+                                 "runs one process's rows: leave --parallel at auto")
+            cfg = replace(cfg, parallel="layers", threads=1)
+            if on_cpu:
+                parallel.use_cores(comm)      # this machine's cores shared out over its processes' BLAS
+        elif on_cpu:
             n, cut = threads.default_plan(cfg.batch_size, cfg.block_size, cfg.n_embd, cfg.threads or None)
             threads.set_num_threads(cfg.threads or n)
             if cfg.parallel == "auto":
                 cfg = replace(cfg, parallel=cut)
         elif cfg.parallel == "batch":
             raise ValueError("--parallel batch cuts the batch over CPU processes; on a GPU leave it at auto")
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, comm=comm)
         code = trainer.run()
-        if code == 0 and cfg.sample_tokens > 0:
+        if code == 0 and cfg.sample_tokens > 0 and trainer.writes:
             print(f"\nbest val loss {trainer.best_val:.4f}; a sample ({cfg.sample_tokens} tokens):\n")
             print(trainer.sample(cfg.sample_tokens))
         return code
     except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+        if comm is not None:                  # the other processes would wait for this one forever
+            comm.abort(f"tinyllm train: error: {e}", code=2)
         if os.environ.get("TINYLLM_DEBUG"):
             raise
         print(f"tinyllm train: error: {e}", file=sys.stderr)
         return 2
+    except BaseException as e:                # an unexpected error, a second Ctrl-C: the job ends too
+        if comm is not None:
+            comm.abort(f"tinyllm train: {type(e).__name__}: {e}", code=2)
+        raise
     finally:
         threads.set_num_threads(1)  # hand the process back as it was (main may be called from Python)

@@ -14,6 +14,8 @@ docs/parallel.md tells how to run it, on one machine and on several, and what it
 """
 from tinyllm.parallel.comm import Communicator, Work, init, under_mpiexec, wait_all
 from tinyllm.parallel.ddp import BUCKET_BYTES, DataParallel
+from tinyllm.parallel.launch import use_cores
 from tinyllm.parallel.zero import ZeroAdamW
 
-__all__ = ["Communicator", "Work", "init", "under_mpiexec", "wait_all", "DataParallel", "BUCKET_BYTES", "ZeroAdamW"]
+__all__ = ["Communicator", "Work", "init", "under_mpiexec", "wait_all", "DataParallel", "BUCKET_BYTES", "ZeroAdamW",
+           "use_cores"]

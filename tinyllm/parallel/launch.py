@@ -76,3 +76,14 @@ def launch(nproc, args, log=print):
         return subprocess.run(argv, env={**os.environ, **env}).returncode
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def use_cores(comm):
+    """In each process of a job: NumPy's BLAS on this machine's cores shared out over the job's
+    processes on it (as the launcher's variables say; for a job started by hand without them)."""
+    if any(name in os.environ for name in THREAD_VARIABLES):
+        return                          # set by the launcher, or by whoever started the job
+    from tinyllm import threads
+    blas = threads._openblas_threads_control()
+    if blas is not None:
+        blas[0](max(1, (os.cpu_count() or 1) // comm.local_size))
