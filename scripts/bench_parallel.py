@@ -34,15 +34,29 @@ def peak_mib():
         return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
-def time_steps(step, steps, warmup):
+def time_steps(step, steps, warmup, parts=None):
+    """Seconds of each timed step; parts (if given) collects {phase: [seconds]} that step() fills."""
     for _ in range(warmup):
         step()
+    if parts is not None:
+        parts.clear()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def phase(parts, name, t0):
+    """Add the seconds since t0 to parts[name]; returns now."""
+    now = time.perf_counter()
+    parts.setdefault(name, []).append(now - t0)
+    return now
+
+
+def phase_ms(parts):
+    return {name: statistics.median(times) * 1e3 for name, times in parts.items()}
 
 
 # ---------------------------------------------------------------------------------------- workers
@@ -58,28 +72,44 @@ def mpi_worker(name, steps, warmup, zero, bucket_bytes, overlap):
         engine = DataParallel(model, comm, bucket_bytes=bucket_bytes, zero=zero, overlap=overlap)
         if zero:
             optimizer = ZeroAdamW(optimizer, engine)
+        finish = engine._finish
+
+        def timed_finish():              # the wait for the sums after this process's backward
+            t0 = time.perf_counter()
+            try:
+                return finish()
+            finally:
+                phase(parts, "wait for the sums", t0)
+        engine._finish = timed_finish
 
         def step():
+            t0 = time.perf_counter()
             engine.forward_backward(x, y)
+            t0 = phase(parts, "forward+backward+sums", t0)
             optimizer.step()
+            t0 = phase(parts, "AdamW (+allgather)", t0)
             optimizer.zero_grad()
         comm.barrier()
     else:
         comm = None
 
         def step():
+            t0 = time.perf_counter()
             _, loss = model(x, y)
             loss.backward()
+            t0 = phase(parts, "forward+backward+sums", t0)
             optimizer.step()
+            t0 = phase(parts, "AdamW (+allgather)", t0)
             optimizer.zero_grad()
-    times = time_steps(step, steps, warmup)
+    parts = {}
+    times = time_steps(step, steps, warmup, parts)
     peaks = [peak_mib()]
     if comm is not None:
         mine = np.zeros(comm.size)
         mine[comm.rank] = peaks[0]
         peaks = comm.host_sum(mine).tolist()
     if comm is None or comm.rank == 0:
-        print(json.dumps({"ms": [t * 1e3 for t in times], "peak_mib": peaks}))
+        print(json.dumps({"ms": [t * 1e3 for t in times], "peak_mib": peaks, "parts_ms": phase_ms(parts)}))
 
 
 def fork_worker(name, steps, warmup, cores):
@@ -94,17 +124,21 @@ def fork_worker(name, steps, warmup, cores):
     data_parallel = DataParallel(model)
 
     def step():
+        t0 = time.perf_counter()
         data_parallel.forward_backward(x, y)
+        t0 = phase(parts, "forward+backward+sums", t0)
         data_parallel.step(optimizer)
+        t0 = phase(parts, "AdamW (+allgather)", t0)
         optimizer.zero_grad()
-    times = time_steps(step, steps, warmup)
-    print(json.dumps({"ms": [t * 1e3 for t in times], "peak_mib": [peak_mib()]}))
+    parts = {}
+    times = time_steps(step, steps, warmup, parts)
+    print(json.dumps({"ms": [t * 1e3 for t in times], "peak_mib": [peak_mib()], "parts_ms": phase_ms(parts)}))
     data_parallel.close()
 
 
 # ---------------------------------------------------------------------------------------- runs
 
-def run(kind, name, args, nproc=1, zero=False, bucket_bytes=None, overlap=True):
+def run(kind, name, args, nproc=1, zero=False, bucket_bytes=None, overlap=True, mpiexec_args=()):
     """One measurement in fresh processes: {"ms": [...], "peak_mib": [...]}."""
     from tinyllm.parallel.launch import THREAD_VARIABLES, command
     cores = os.cpu_count() or 1
@@ -119,6 +153,7 @@ def run(kind, name, args, nproc=1, zero=False, bucket_bytes=None, overlap=True):
             argv = program                                 # one process, BLAS threads on every core
         else:
             argv, extra = command(nproc, program)
+            argv[1:1] = list(mpiexec_args)
             env.update({k: v for k, v in extra.items() if k in THREAD_VARIABLES})
     out = subprocess.run(argv, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -146,6 +181,8 @@ def main():
     p.add_argument("--fork-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--zero", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--binding", action="store_true",
+                   help="also 2 processes left unbound to cores (Open MPI: --bind-to none), and ZeRO-1 both ways")
     p.add_argument("--variants", action="store_true",
                    help="also MPI without overlap (blocking calls) and ZeRO-1, on 2 processes")
     args = p.parse_args()
@@ -171,11 +208,15 @@ def main():
         if args.variants:
             engines += [("mpi2-blocking", dict(kind="mpi", nproc=2, overlap=False)),
                         ("zero2-blocking", dict(kind="mpi", nproc=2, zero=True, overlap=False))]
+        if args.binding:
+            engines += [("mpi2-unbound", dict(kind="mpi", nproc=2, mpiexec_args=("--bind-to", "none"))),
+                        ("zero2", dict(kind="mpi", nproc=2, zero=True)),
+                        ("zero2-unbound", dict(kind="mpi", nproc=2, zero=True, mpiexec_args=("--bind-to", "none")))]
         if args.scaling:
             engines += [("mpi1", dict(kind="mpi", nproc=1)), ("mpi3", dict(kind="mpi", nproc=3)),
                         ("zero2", dict(kind="mpi", nproc=2, zero=True)), ("zero3", dict(kind="mpi", nproc=3, zero=True))]
         per = {label: [] for label, _ in engines}
-        peaks = {}
+        peaks, parts = {}, {label: [] for label, _ in engines}
         print(f"\n== {name}: {cfg}")
         for r in range(args.rounds):
             line = []
@@ -183,6 +224,7 @@ def main():
                 got = run(name=name, args=args, bucket_bytes=args.bucket_bytes, **how)
                 per[label].append(statistics.median(got["ms"]))
                 peaks[label] = got["peak_mib"]
+                parts[label].append(got.get("parts_ms", {}))
                 line.append(f"{label} {per[label][-1]:.2f}")
             print(f"round {r + 1}: " + ", ".join(line) + " ms")
         summary = {}
@@ -192,6 +234,11 @@ def main():
                               "peak_mib": peaks[label]}
             print(f"{label:>14}: median {ms:8.2f} ms/step ({tokens / ms * 1e3:,.0f} tok/s); peak RSS per process "
                   + ", ".join(f"{m:.0f}" for m in peaks[label]) + " MiB")
+            names = sorted({n for p in parts[label] for n in p})
+            summary[label]["parts_ms"] = {n: statistics.median(p[n] for p in parts[label] if n in p) for n in names}
+            if names:
+                print(" " * 16 + "rank 0's phases (medians): " + ", ".join(
+                    f"{n} {summary[label]['parts_ms'][n]:.2f} ms" for n in names))
         if "fork2" in per:
             ratios = [m / f for m, f in zip(per["mpi2"], per["fork2"])]
             summary["ratio_mpi2_fork2"] = statistics.median(ratios)
