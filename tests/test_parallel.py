@@ -119,6 +119,32 @@ def test_nproc_launches_through_mpiexec(data_dir, tmp_path, one_process):
 
 
 @needs_mpi
+def test_ctrl_c_saves_a_checkpoint_in_every_process(data_dir, tmp_path):
+    """Ctrl-C on `tinyllm train --nproc 2` (SIGINT to its process group): mpiexec hands the
+    processes SIGTERM, they agree to stop after the same step, rank 0 saves, the job ends."""
+    import signal
+    out = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "tinyllm", "train", "--nproc", "2", "--data", str(data_dir),
+                            "--out", str(out), *TINY, "--max-iters", "100000", "--eval-interval", "100000"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not any('"loss"' in line for line in _lines(out / "metrics.jsonl")):
+            time.sleep(0.2)
+        os.killpg(job.pid, signal.SIGINT)
+        job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    state = json.loads((out / "ckpt" / "state.json").read_text())
+    assert 0 < state["step"] < 100000
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@needs_mpi
 @pytest.mark.parametrize("how, says", [
     ("trainer", "rank 1 of 2: tinyllm train: error: a deliberate error in rank 1's trainer"),
     ("raise", "rank 1 of 2: RuntimeError: a deliberate failure on rank 1"),

@@ -387,6 +387,9 @@ class Trainer:
         self.log(f"model: {self.model.num_parameters():,} parameters on {where}; data: {self.data_dir} "
                  f"(vocab {self.meta['vocab_size']}); {cfg.max_iters} steps of {tokens_per_step} tokens")
         previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
+        # under mpiexec a Ctrl-C reaches the processes as SIGTERM (Open MPI's mpiexec sends it, then
+        # SIGKILL a few seconds later): it saves as Ctrl-C does
+        previous_term = signal.signal(signal.SIGTERM, self._on_interrupt) if self.comm is not None else None
         try:
             while True:
                 if (self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters) and self.step != self.last_eval_step:
@@ -426,6 +429,8 @@ class Trainer:
                     self._progress(record, start_step)
         finally:
             signal.signal(signal.SIGINT, previous_handler)
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
             metrics.close()
             if self.data_parallel is not None:
                 self.data_parallel.close()             # the worker processes end with the run
