@@ -155,7 +155,7 @@ def test_a_failing_process_ends_the_job(tmp_path, data_dir, how, says):
     """Rank 1 raises, is killed, or hangs at its third step: the job ends within seconds (not at
     the 120 s the hang would last), with an exit status that is not 0 and a message naming a rank."""
     out, seconds = run_job(2, ["die", str(tmp_path / "results"), how, str(data_dir), str(tmp_path)], tmp_path,
-                           timeout=100, env={"TINYLLM_COLLECTIVE_TIMEOUT": "3"})
+                           timeout=100, env={"DIE_TIMEOUT": "3"})
     assert out.returncode != 0
     assert says in out.stdout + out.stderr, out.stdout + out.stderr
     assert seconds < 30
