@@ -145,7 +145,9 @@ def _as_tensors(inputs):
                 raise RuntimeError(
                     f"an array on {backend.device_of(x)} met a tensor on {like.device}; "
                     "move it first: tinyllm never copies between host and GPU silently")
-            out.append(Tensor(xp.asarray(x)))
+            x = xp.asarray(x)
+            _check_real(x)
+            out.append(Tensor(x))
         else:
             raise TypeError(f"cannot use {type(x).__name__} as an op input; wrap it with tl.tensor(...)")
     return out
@@ -167,6 +169,8 @@ class Tensor:
     _grad_hooks = ()  # register_post_accumulate_grad_hook's functions
 
     def __init__(self, data, requires_grad=False):
+        if isinstance(data, numpy.generic):  # NumPy gives scalars for ops on 0-d arrays: keep arrays
+            data = numpy.asarray(data)
         if requires_grad and data.dtype.kind not in "fc":
             raise TypeError(f"only floating-point tensors can require grad, got dtype {data.dtype}")
         self.data = data
@@ -309,6 +313,8 @@ def _accumulate(t, g):
     if t.grad is None:
         if t.grad_home is None:
             t.grad = g.astype(t.dtype, copy=True)
+            if isinstance(t.grad, numpy.generic):  # a 0-d gradient computed as a NumPy scalar
+                t.grad = numpy.asarray(t.grad)
         else:
             t.grad = t.grad_home
             t.grad[...] = g
@@ -364,7 +370,14 @@ def tensor(data, requires_grad=False, dtype=None, device=None):
     data = backend.to_device(data, device if device is not None else backend.device_of(data))
     xp = backend.get_array_module(data)
     array = xp.array(data, dtype=None if dtype is None else backend.as_dtype(dtype), copy=True)
+    _check_real(array)
     return Tensor(array, requires_grad=requires_grad)
+
+
+def _check_real(array):
+    """Tensors hold real numbers (bool, int, float): strings, objects and complex numbers are refused."""
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"tensors hold real numbers (bool, int or float), got dtype {array.dtype}")
 
 
 def manual_seed(seed):
