@@ -258,6 +258,18 @@ def merges_digest(merge_list):
     return hashlib.sha256(numbers.tobytes()).hexdigest()
 
 
+def _id_ranges(ids):
+    """[3, 4, 5, 9] -> "the ids 3-5, 9"; [7] -> "the id 7": sorted ids written as runs."""
+    runs = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ("the ids " if len(ids) > 1 else "the id ") + ", ".join(
+        str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def _surrogate_error(text):
     """The error for text that UTF-8 cannot encode, pointing at the first lone surrogate."""
     match = regex.search("[\ud800-\udfff]", text)
@@ -387,15 +399,19 @@ class BPETokenizer:
     # -- training ----------------------------------------------------------------
 
     def train(self, text, vocab_size, special_tokens=None):
-        """Learn merges from text until the vocabulary has vocab_size ids.
+        """Learn merges from text; returns self (whatever the tokenizer knew before is replaced).
 
-        vocab_size counts everything: 256 bytes + merges + special tokens, so
-        train(text, 4096, {"<|endoftext|>": 4095}) learns 3839 merges.
-        special_tokens maps text -> id; ids must be unique and above the merges
-        (>= vocab_size - len(special_tokens)).  Their text is cut out of the
-        training text first, so no merge ever spans one.  If the text runs out
-        of pairs, training stops early and vocab_size comes out smaller.
-        Replaces whatever the tokenizer knew before; returns self.
+        Merges take the ids from 256 up to (not including) both vocab_size and the smallest
+        special id; the special ids follow the merges with no hole, so vocab_size (the
+        property) is max id + 1 and every id below it decodes:
+
+            train(text, 300, {"<|endoftext|>": 300, "<|im_start|>": 301})   44 merges, 302 ids
+            train(text, 4096, {"<|endoftext|>": 4095})                       3,839 merges, 4,096 ids
+
+        Special-token text is cut out of the training text first, so no merge ever spans one.
+        If the text runs out of pairs, training stops early: without special tokens the
+        vocabulary just comes out smaller; with them, the hole it would leave below the special
+        ids is a ValueError, as are special ids that leave a hole anyway and an empty text.
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -403,11 +419,11 @@ class BPETokenizer:
             raise TypeError(f"vocab_size must be an int, got {vocab_size!r}")
         if vocab_size < 256:
             raise ValueError(f"vocab_size must be at least 256 (one id per byte), got {vocab_size}")
+        if not text:
+            raise ValueError("cannot train a BPE tokenizer on an empty text")
         special_tokens = dict(special_tokens or {})
-        num_merges = vocab_size - 256 - len(special_tokens)
-        if num_merges < 0:
-            raise ValueError(f"vocab_size {vocab_size} leaves no room for 256 byte ids plus "
-                             f"{len(special_tokens)} special tokens")
+        ids = [i for i in special_tokens.values() if isinstance(i, int) and not isinstance(i, bool)]
+        num_merges = max(0, min([vocab_size, *ids]) - 256)
         self._check_special_tokens(special_tokens, 256 + num_merges)
 
         segments = [text]
@@ -422,11 +438,18 @@ class BPETokenizer:
             raise _surrogate_error(text) from None
 
         merge_list = train_merges(byte_counts, num_merges)
+        if special_tokens and len(merge_list) < num_merges:
+            raise ValueError(
+                f"the text has pairs for only {len(merge_list)} merges (ids 256 to {255 + len(merge_list)}), "
+                f"so the special ids from {256 + num_merges} would leave the ids {256 + len(merge_list)} to "
+                f"{255 + num_merges} empty; give the special tokens the ids from {256 + len(merge_list)}, "
+                "or train on more text")
         self._set_model(merge_list, special_tokens, None, trained=True)
         return self
 
     @staticmethod
     def _check_special_tokens(special_tokens, first_free_id):
+        """Special ids must be distinct and fill the ids from first_free_id on, with no hole."""
         seen = {}
         for text, token_id in special_tokens.items():
             if not isinstance(text, str) or not text:
@@ -444,6 +467,12 @@ class BPETokenizer:
             if token_id in seen:
                 raise ValueError(f"special tokens {seen[token_id]!r} and {text!r} share the id {token_id}")
             seen[token_id] = text
+        expected = list(range(first_free_id, first_free_id + len(seen)))
+        if seen and sorted(seen) != expected:
+            holes = sorted(set(range(first_free_id, max(seen))) - set(seen))
+            raise ValueError(
+                f"special ids {sorted(seen)} leave {_id_ranges(holes)} empty: special tokens must "
+                f"follow the merges with no hole, so here they take {_id_ranges(expected)}")
 
     # -- encoding ----------------------------------------------------------------
 

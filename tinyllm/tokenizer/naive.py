@@ -10,6 +10,7 @@ Ids: 0..255 are the raw bytes; merge number k (counting from 0) creates id
 256 + k.  A merge is the pair ``(left_id, right_id)`` it joins.
 """
 
+import re
 from collections import Counter
 
 from .patterns import compile_pattern
@@ -49,20 +50,33 @@ def merge_pair(ids, pair, new_id):
     return out
 
 
-def train_naive(text, vocab_size, pattern="gpt4"):
+def train_naive(text, vocab_size, pattern="gpt4", special_tokens=None):
     """Learn merges the slow, obvious way; returns {(left, right): new_id}.
 
     Each round counts all pairs from scratch, merges the most frequent one
     (ties go to the smallest (left, right)), and stops early when no pair is
     left.  Identical chunks are counted once with a multiplicity, which changes
     no count, only the time.
+
+    special_tokens ({text: id}) are cut out of the text first; the merges stop
+    below the smallest special id (and below vocab_size), and afterwards the
+    special ids must be exactly the next ids after the merges: no hole.
     """
     if vocab_size < 256:
         raise ValueError(f"vocab_size must be at least 256 (one id per byte), got {vocab_size}")
-    chunks = [(list(chunk.encode("utf-8")), count)
-              for chunk, count in Counter(split_chunks(text, pattern)).items()]
+    if not text:
+        raise ValueError("cannot train a BPE tokenizer on an empty text")
+    special_tokens = dict(special_tokens or {})
+    pieces = [text]
+    if special_tokens:
+        longest_first = sorted(special_tokens, key=lambda t: (-len(t), t))
+        pieces = re.split("|".join(re.escape(t) for t in longest_first), text)
+    chunks = Counter()
+    for piece in pieces:
+        chunks.update(split_chunks(piece, pattern))
+    chunks = [(list(chunk.encode("utf-8")), count) for chunk, count in chunks.items()]
     merges = {}
-    for new_id in range(256, vocab_size):
+    for new_id in range(256, min([vocab_size, *special_tokens.values()])):
         counts = pair_counts(chunks)
         if not counts:
             break  # every chunk is a single token: nothing left to merge
@@ -70,6 +84,10 @@ def train_naive(text, vocab_size, pattern="gpt4"):
         best = min(counts, key=lambda pair: (-counts[pair], pair))
         merges[best] = new_id
         chunks = [(merge_pair(ids, best, new_id), count) for ids, count in chunks]
+    next_id = 256 + len(merges)
+    if sorted(special_tokens.values()) != list(range(next_id, next_id + len(special_tokens))):
+        raise ValueError(f"special ids {sorted(special_tokens.values())} do not follow the "
+                         f"{len(merges)} merges without a hole (the next free id is {next_id})")
     return merges
 
 
