@@ -390,6 +390,7 @@ class _Worker:
                 for fd in _main_ends:                  # earlier DataParallel's pipes: those must close when
                     os.close(fd)                       # the main process closes them
                 signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is for the main process to handle
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # and so is SIGTERM (it saves too)
                 _serve(data_parallel, grads, given, command_read, result_write, later)
                 code = 0
             finally:
