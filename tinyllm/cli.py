@@ -4,8 +4,21 @@ import os
 import sys
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option is a ValueError that `main` prints as one line (no usage block)."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
 def cmd_gradcheck(args):
-    from tinyllm.cases import run_all
+    from tinyllm.autograd import OPS
+    from tinyllm.cases import load_all, run_all
+    if args.only:
+        load_all()  # the layers and the model register ops of their own
+        unknown = sorted(set(args.only) - set(OPS))
+        if unknown:
+            raise ValueError(f"--only: no op named {', '.join(unknown)}; the ops are {', '.join(sorted(OPS))}")
     rows = run_all(device=args.device, only=set(args.only) if args.only else None)
     width = max(len(r[0]) for r in rows)
     print(f"{'op':<{width}}  cases  checks  worst rel. error  seconds  result")
@@ -47,7 +60,7 @@ def cmd_plot(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="tinyllm", description="A GPT built from first principles.")
+    parser = ArgumentParser(prog="tinyllm", description="A GPT built from first principles.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("gradcheck", help="finite-difference check of every op and layer; prints a table")
@@ -82,11 +95,11 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("train", "sample"):  # they parse their own long option lists
-        args = argparse.Namespace(func=cmd_train if argv[0] == "train" else cmd_sample, rest=argv[1:])
-    else:
-        args = build_parser().parse_args(argv)
     try:
+        if argv and argv[0] in ("train", "sample"):  # they parse their own long option lists
+            args = argparse.Namespace(func=cmd_train if argv[0] == "train" else cmd_sample, rest=argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -94,7 +107,8 @@ def main(argv=None):
     except (ValueError, OSError, RuntimeError) as e:  # bad input, missing files, no network: one line
         if os.environ.get("TINYLLM_DEBUG"):
             raise
-        print(f"tinyllm {argv[0]}: error: {e}", file=sys.stderr)
+        command = f"tinyllm {argv[0]}" if argv and not argv[0].startswith("-") else "tinyllm"
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -27,11 +27,11 @@ from tinyllm.nn import functional as F
 from tinyllm.nn.functional import RoPE
 from tinyllm.nn.module import Module, Parameter
 
-__all__ = ["GPTConfig", "GPT", "RoPE", "rope_tables", "apply_rope"]
+__all__ = ["GPTConfig", "GPT", "RoPE", "rope_tables", "apply_rope", "state_dict_shapes"]
 
-_NORMS = ("layernorm", "rmsnorm")
-_MLPS = ("gelu", "swiglu")
-_POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("learned", "rope")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ class GPTConfig:
         if self.n_head % self.kv_heads:
             raise ValueError(f"GPTConfig: n_head ({self.n_head}) must be divisible by n_kv_head "
                              f"({self.n_kv_head}): each key/value head serves n_head / n_kv_head query heads")
-        for name, allowed in (("norm", _NORMS), ("mlp", _MLPS), ("pos", _POSITIONS)):
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"GPTConfig: unknown {name}={value!r}; choose one of {', '.join(map(repr, allowed))}")
@@ -139,6 +139,43 @@ class GPTConfig:
         if missing:
             raise ValueError(f"GPTConfig.from_dict: missing required keys {missing}")
         return cls(**d)
+
+
+def state_dict_shapes(config):
+    """{name: shape} of every key of `GPT(config).state_dict()`, without building the model.
+
+    Loading a checkpoint compares its tensors with these before anything is allocated (a damaged
+    config saying block_size 10^12 must be an error, not an attempt to allocate). Tests compare it
+    with the state_dict of real models of every kind, so it cannot drift from the layers.
+    """
+    C, V, H, D = config.n_embd, config.vocab_size, config.hidden, config.head_dim
+    shapes = {"transformer.wte.weight": (V, C)}
+    if config.pos == "learned":
+        shapes["transformer.wpe.weight"] = (config.block_size, C)
+
+    def linear(name, n_in, n_out):
+        shapes[name + ".weight"] = (n_out, n_in)
+        if config.bias:
+            shapes[name + ".bias"] = (n_out,)
+
+    def norm(name):
+        shapes[name + ".weight"] = (C,)
+        if config.norm == "layernorm" and config.bias:
+            shapes[name + ".bias"] = (C,)
+
+    for i in range(config.n_layer):
+        block = f"transformer.h.{i}."
+        norm(block + "ln_1")
+        linear(block + "attn.c_attn", C, (config.n_head + 2 * config.kv_heads) * D)
+        linear(block + "attn.c_proj", config.n_head * D, C)
+        norm(block + "ln_2")
+        linear(block + "mlp.c_fc", C, H)
+        if config.mlp == "swiglu":
+            linear(block + "mlp.c_gate", C, H)
+        linear(block + "mlp.c_proj", H, C)
+    norm("transformer.ln_f")
+    shapes["lm_head.weight"] = (V, C)  # tied or not, the state_dict has it under its own name
+    return shapes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ Everything a step depends on — weights, AdamW moments, the data loaders' gener
 generator, the step counter — is in the checkpoint, so `--resume` continues bit for bit.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -28,6 +29,9 @@ import numpy
 from tinyllm import backend, rng, threads
 from tinyllm.autograd import no_grad
 from tinyllm.data_parallel import DataParallel
+from tinyllm.fileio import atomic_open
+from tinyllm.model import MLPS, NORMS, POSITIONS
+from tinyllm.sample import SAMPLE_DEFAULTS
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
 
@@ -36,7 +40,7 @@ MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
 class TrainConfig:
     # data and run
     data: str = None                 # a prepared dataset directory; None: prepare the embedded default
-    out: str = "runs/default"
+    out: str = None                  # the run directory; None: the first free runs/default, runs/default-2, ...
     resume: bool = False
     seed: int = 1337
     device: str = "cpu"
@@ -76,31 +80,128 @@ class TrainConfig:
     ckpt_interval: int = None        # None: eval_interval
     log_interval: int = 10
     peak_flops: float = None         # for MFU; None: looked up for known GPUs, else not reported
-    sample_tokens: int = 300         # printed at the end; 0 disables
+    sample_tokens: int = SAMPLE_DEFAULTS["max_new_tokens"]   # printed at the end; 0 disables
 
-    def finalize(self):
-        if self.dtype not in ("float32", "float64"):
+    def finalize(self, *, machine=True):
+        """Check every option (type, range, allowed values) and fill in the defaults that depend on
+        others; a problem is a ValueError naming the flag. machine=False leaves out what depends on
+        this machine (its core count), for a saved config that a resume may still change."""
+        for f in fields(self):
+            self._check_type(f)
+        if self.dtype in ("bfloat16", "float16"):
             raise ValueError(f"--dtype {self.dtype}: training runs in float32 (or float64); mixed precision "
                              "(bfloat16/float16 with float32 master weights) is not implemented yet")
-        if self.threads < 0:
-            raise ValueError(f"--threads must be 0 (chosen by model size) or more, got {self.threads}")
-        if self.nproc < 1:
-            raise ValueError(f"--nproc must be at least 1, got {self.nproc}")
-        if self.parallel not in ("auto", "layers", "batch"):
-            raise ValueError(f"--parallel must be auto, layers or batch, got {self.parallel!r}")
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed and not (name == "device" and value.startswith("cuda:")):
+                raise ValueError(f"{_flag(name)} must be {_one_of(allowed)}, got {value!r}")
         if self.lr_decay_iters is None:
             self.lr_decay_iters = self.max_iters
         if self.ckpt_interval is None:
             self.ckpt_interval = self.eval_interval
-        for name in ("max_iters", "eval_interval", "eval_iters", "ckpt_interval", "log_interval",
-                     "batch_size", "grad_accum", "block_size"):
-            if getattr(self, name) <= 0 and not (name == "max_iters" and self.max_iters == 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("eval_interval", "eval_iters", "ckpt_interval", "log_interval", "batch_size", "grad_accum",
+                     "block_size", "n_layer", "n_head", "n_embd", "nproc"):
+            self._need(getattr(self, name) >= 1, name, "at least 1")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed", "threads", "sample_tokens"):
+            self._need(getattr(self, name) >= 0, name, "0 or more")
+        self._need(self.n_kv_head is None or self.n_kv_head >= 1, "n_kv_head", "at least 1")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            self._need(math.isfinite(value) and value >= 0, name, "a finite number >= 0")
+        for name in ("beta1", "beta2", "dropout"):
+            self._need(0 <= getattr(self, name) < 1, name, "in [0, 1)")
+        self._need(self.min_lr <= self.lr, "min_lr", f"at most --lr ({self.lr})")
+        self._need(self.peak_flops is None or (math.isfinite(self.peak_flops) and self.peak_flops > 0),
+                   "peak_flops", "a finite number > 0")
+        cores = os.cpu_count() or 1
+        if machine and self.threads > cores:
+            raise ValueError(f"--threads {self.threads} is more than the {cores} CPU cores of this machine")
+        try:  # the model's own rules (n_embd divisible by n_head, ...), before any data is read
+            model_config(self, vocab_size=1)
+        except (TypeError, ValueError) as e:
+            raise ValueError(str(e)) from None
         return self
+
+    def _check_type(self, f):
+        value = getattr(self, f.name)
+        if value is None and f.default is None:
+            return
+        kind = f.type
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(self, f.name, float(value))
+        elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{_flag(f.name)} must be a whole number, got {value!r}")
+        elif kind is float and (isinstance(value, bool) or not isinstance(value, float)):
+            raise ValueError(f"{_flag(f.name)} must be a number, got {value!r}")
+        elif kind in (str, bool) and not isinstance(value, kind):
+            raise ValueError(f"{_flag(f.name)} must be {'true or false' if kind is bool else 'a string'}, "
+                             f"got {value!r}")
+
+    def _need(self, ok, name, what):
+        if not ok:
+            raise ValueError(f"{_flag(name)} must be {what}, got {getattr(self, name)!r}")
 
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias", "norm", "mlp",
                 "pos", "tie_weights")
+# The options with a fixed set of values, as `--help` shows them.
+CHOICES = {"device": ("cpu", "cuda"), "dtype": ("float32", "float64"), "parallel": ("auto", "layers", "batch"),
+           "norm": NORMS, "mlp": MLPS, "pos": POSITIONS}
+# What a resume may change: everything else continues as the checkpoint says (a differing model
+# flag or training setting is an error).
+RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "eval_iters", "ckpt_interval", "log_interval", "lr_decay_iters",
+                     "sample_tokens", "threads", "parallel", "nproc", "zero", "device", "peak_flops")
+HELP = {
+    "data": "a prepared dataset directory (tinyllm prepare); default: the embedded pystdlib dataset, "
+            "prepared once in ./data/pystdlib",
+    "out": "the run directory: checkpoint in OUT/ckpt, metrics in OUT/metrics.jsonl; default: the first "
+           "free one of runs/default, runs/default-2, ...; an OUT that holds a run needs --resume",
+    "resume": "continue the run in --out with its own saved settings",
+    "seed": "seed of the initial weights, dropout and batches, 0 or more",
+    "device": "where to train",
+    "dtype": "the parameters' dtype",
+    "threads": "CPU cores to use, up to this machine's; 0: chosen by model size and batch",
+    "parallel": "what the CPU cores cut: the batch over processes, the layers over threads, or auto",
+    "nproc": "processes, each with its rows of every batch, started through mpiexec (under mpiexec: leave "
+             "it out, mpiexec -n sets it)",
+    "zero": "with several processes, AdamW's state cut over them (ZeRO-1): true or false",
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads",
+    "n_kv_head": "key/value heads (grouped-query attention), dividing --n-head; default: --n-head",
+    "n_embd": "embedding width, divisible by --n-head",
+    "block_size": "context length in tokens",
+    "dropout": "dropout probability, in [0, 1)",
+    "bias": "biases in Linear and LayerNorm: true or false",
+    "norm": "normalisation layer",
+    "mlp": "feed-forward layer",
+    "pos": "position encoding",
+    "tie_weights": "share the token embedding with the output layer: true or false",
+    "batch_size": "sequences per micro-batch",
+    "grad_accum": "micro-batches per optimisation step",
+    "max_iters": "optimisation steps",
+    "lr": "peak learning rate, a finite number >= 0",
+    "min_lr": "final learning rate, in [0, --lr]",
+    "warmup_iters": "steps of linear warmup, 0 or more",
+    "lr_decay_iters": "the step where the cosine reaches --min-lr; default: --max-iters",
+    "weight_decay": "AdamW's decoupled weight decay, >= 0",
+    "beta1": "AdamW's beta1, in [0, 1)",
+    "beta2": "AdamW's beta2, in [0, 1)",
+    "grad_clip": "clip the global gradient norm to this, >= 0; 0: no clipping",
+    "eval_interval": "steps between evaluations",
+    "eval_iters": "batches per evaluation of each split",
+    "ckpt_interval": "steps between checkpoints; default: --eval-interval",
+    "log_interval": "steps between log lines",
+    "peak_flops": "the device's peak FLOP/s, for MFU; default: known GPUs only",
+    "sample_tokens": "tokens of the sample printed at the end (as tinyllm sample); 0: none",
+}
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _one_of(allowed):
+    return ", ".join(allowed[:-1]) + " or " + allowed[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,17 +217,20 @@ def _bool(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="tinyllm train", description="Train a GPT. With no arguments: prepare "
-                                "the embedded default dataset and train a small char-level model on the CPU.")
+    from tinyllm.cli import ArgumentParser
+    p = ArgumentParser(prog="tinyllm train", description="Train a GPT. With no arguments: prepare "
+                       "the embedded default dataset and train a small char-level model on the CPU.")
     p.add_argument("--config", help="a JSON or TOML file of options (flags override it)")
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         if f.name == "resume":
-            p.add_argument(flag, action="store_true", default=None, help="continue from the checkpoint in --out")
+            p.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
             continue
         kind = {"bool": _bool, "int": int, "float": float, "str": str}[f.type.__name__ if isinstance(f.type, type)
                                                                       else str(f.type)]
-        p.add_argument(flag, type=kind, default=None, help=f"(default: {f.default})")
+        allowed = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
+        default = "" if f.default is None else f" (default: {f.default!r})".replace("'", "")
+        p.add_argument(flag, type=kind, default=None, help=HELP[f.name] + allowed + default)
     return p
 
 
@@ -147,6 +251,8 @@ def load_config_file(path):
             values = json.loads(text)
     except ValueError as e:
         raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold an object of options, got {type(values).__name__}")
     known = {f.name for f in fields(TrainConfig)}
     values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - known)
@@ -155,11 +261,76 @@ def load_config_file(path):
     return values
 
 
-def parse_config(argv):
+def given_options(argv):
+    """The options given explicitly: a config file's, then the flags' (the flags win)."""
     args = build_parser().parse_args(argv)
     values = load_config_file(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
-    return TrainConfig(**values).finalize()
+    return values
+
+
+def parse_options(argv):
+    """(TrainConfig, warnings): the options of a new run, or of a resumed one (see resume_config)."""
+    given = given_options(argv)
+    if given.get("resume"):
+        cfg, notes = resume_config(given)
+    else:
+        cfg, notes = TrainConfig(**given).finalize(), []
+    if cfg.warmup_iters > cfg.max_iters > 0:
+        notes.append(f"--warmup-iters {cfg.warmup_iters} is longer than --max-iters {cfg.max_iters}: the learning "
+                     f"rate is still rising when training ends and never reaches --lr {cfg.lr}")
+    return cfg, notes
+
+
+def parse_config(argv):
+    return parse_options(argv)[0]
+
+
+def resume_config(given):
+    """The options of a resumed run: the checkpoint's own, with what a resume may change changed.
+
+    `tinyllm train --out R --resume` alone continues R exactly as it was set up (data, model,
+    optimizer, schedule). Flags given explicitly may change RESUME_MAY_CHANGE; any other flag that
+    differs from the saved value is an error, a model-shape flag included.
+    """
+    from tinyllm.checkpoint import CheckpointError, checkpoint_directory, read_state
+    if given.get("out") is None:
+        raise ValueError("--resume needs --out RUN_DIR: the run directory to continue")
+    out = Path(given["out"])
+    ckpt = out / "ckpt"
+    if not checkpoint_directory(ckpt).is_dir():
+        raise ValueError(f"--resume: no checkpoint in {ckpt}; start without --resume")
+    state = read_state(ckpt, ("config",))
+    saved = state["config"]
+    where = f"checkpoint {checkpoint_directory(ckpt)} is unusable: state.json: \"config\""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where} must be an object, got {saved!r}")
+    unknown = sorted(set(saved) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise CheckpointError(f"{where} has unknown options {unknown}")
+    try:
+        saved = asdict(TrainConfig(**saved).finalize(machine=False))
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    changes = {}
+    for name, value in given.items():
+        if name in ("out", "resume") or value == saved[name]:
+            continue
+        if name == "data" and value is not None and saved["data"] is not None \
+                and Path(value).resolve() == Path(saved["data"]).resolve():
+            continue
+        if name not in RESUME_MAY_CHANGE:
+            what = "the model" if name in MODEL_FIELDS else "the run"
+            raise ValueError(f"--resume continues {out} as it was set up, but {_flag(name)} {value} differs from "
+                             f"{what}'s saved {saved[name]}; a resume may change only "
+                             f"{', '.join(map(_flag, RESUME_MAY_CHANGE))}")
+        changes[name] = value
+    cfg = TrainConfig(**{**saved, **changes, "out": str(out), "resume": True}).finalize()
+    notes = []
+    if cfg.lr_decay_iters < cfg.max_iters and "max_iters" in changes and "lr_decay_iters" not in changes:
+        notes.append(f"the learning rate stays at --min-lr {cfg.min_lr} from step {cfg.lr_decay_iters} "
+                     f"(--lr-decay-iters) to {cfg.max_iters}; pass --lr-decay-iters to stretch the schedule")
+    return cfg, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,11 +353,82 @@ def ensure_data(cfg, log):
     return path
 
 
+def model_config(cfg, vocab_size):
+    """The GPTConfig that the options and a vocabulary size make."""
+    from tinyllm.model import GPTConfig
+    return GPTConfig(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in MODEL_FIELDS})
+
+
 def build_model(cfg, vocab_size):
-    from tinyllm.model import GPT, GPTConfig
-    model_cfg = GPTConfig(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in MODEL_FIELDS})
+    from tinyllm.model import GPT
+    config = model_config(cfg, vocab_size)
     rng.manual_seed(cfg.seed)
-    return GPT(model_cfg, dtype=cfg.dtype, device=cfg.device)
+    return GPT(config, dtype=cfg.dtype, device=cfg.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories: never two trainers in one, never a new run over an old one
+
+DEFAULT_OUT = Path("runs") / "default"
+RUN_MARKERS = ("ckpt", ".ckpt.old", "metrics.jsonl", "tokenizer.txt")  # what makes a directory a run
+LOCK_FILE = ".lock"
+
+
+def holds_run(path):
+    """True when the directory holds (part of) a training run."""
+    return any((Path(path) / name).exists() for name in RUN_MARKERS)
+
+
+def check_new_out(out):
+    """An explicit --out for a new run: it must not hold a run (checked before anything is written)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    if holds_run(out):
+        raise ValueError(f"--out {out} already holds a run: continue it with --resume, or pass another "
+                         "--out (nothing was written)")
+    return out
+
+
+def claim_default_out():
+    """Create and return the first free one of runs/default, runs/default-2, runs/default-3, ...
+    (mkdir either creates a directory or fails, so two trainers never get the same one)."""
+    for n in itertools.count(1):
+        path = DEFAULT_OUT if n == 1 else DEFAULT_OUT.with_name(f"{DEFAULT_OUT.name}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+
+
+class RunLock:
+    """An exclusive lock on a run directory (fcntl.flock on OUT/.lock) for as long as a trainer uses it.
+
+    The kernel drops the lock when the process ends, however it ends, so a crashed trainer never
+    leaves a stale lock behind. Without fcntl (Windows) there is no lock.
+    """
+
+    def __init__(self, run_dir):
+        self.file = None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        path = Path(run_dir) / LOCK_FILE
+        handle = open(path, "a+b")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise ValueError(f"another tinyllm train is running in {run_dir} (it holds the lock {path}); "
+                             "wait for it to end, or pass another --out") from None
+        self.file = handle
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def known_peak_flops(device, dtype):
@@ -212,13 +454,29 @@ class Trainer:
     batch; rank 0 alone writes the run directory and the terminal lines), or None: one process."""
 
     def __init__(self, cfg, log=print, comm=None):
-        from tinyllm.data import BatchLoader, load_meta
         self.comm = comm
         self.writes = comm is None or comm.rank == 0      # rank 0 writes checkpoints, metrics, the terminal
         self.cfg, self.log = cfg, (log if self.writes else _silent)
-        log = self.log
-        self.out = Path(cfg.out)
-        self.ckpt_dir = self.out / "ckpt"
+        self.lock = None
+        self.data_parallel = None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()  # no worker processes or lock left behind by a failed start
+            raise
+
+    def _setup(self):
+        from tinyllm.data import BatchLoader, load_meta
+        cfg, log = self.cfg, self.log
+        comm = self.comm
+        checkpoint = None
+        if cfg.resume:  # lock the run, then read its checkpoint through (every process) before building anything
+            self.out = Path(cfg.out)
+            if self.writes:
+                self.lock = RunLock(self.out)
+            checkpoint = self._read_checkpoint()
+        else:  # a new run: checked now, created (by rank 0) once everything else is ready
+            self.out = None if cfg.out is None or not self.writes else check_new_out(cfg.out)
         if comm is not None and not self.writes:
             comm.barrier()                                 # rank 0 prepares the default dataset first
         data_dir = ensure_data(cfg, log)
@@ -226,6 +484,8 @@ class Trainer:
             comm.barrier()
         self.meta = load_meta(data_dir)
         self.data_dir = data_dir
+        if checkpoint is not None:
+            self._check_model_config(checkpoint[0])
         self.model = build_model(cfg, self.meta["vocab_size"])
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
         # "batch": each CPU core's process runs forward and backward on its own rows of each batch
@@ -246,15 +506,40 @@ class Trainer:
         self.best_val = math.inf
         self.last_eval_step = -1
         self.bad_steps = 0
-        self.stop_requested = False
+        self.stop_signal = None
         self.peak_flops = cfg.peak_flops or known_peak_flops(cfg.device, cfg.dtype)
         self.flops_per_token = self.model.flops_per_token()
-        if cfg.resume:
-            self.load()                                    # every process reads the checkpoint
+        if checkpoint is not None:
+            self.load(checkpoint)                          # every process restores it
         elif self.writes:
-            self.out.mkdir(parents=True, exist_ok=True)
-        if self.writes:
+            self._create_run_dir()
+        if self.writes and not (self.out / "tokenizer.txt").is_file():
             shutil.copyfile(data_dir / self.meta["tokenizer_file"], self.out / "tokenizer.txt")
+
+    @property
+    def ckpt_dir(self):
+        return self.out / "ckpt"
+
+    def _create_run_dir(self):
+        """Create (or take, when --out is empty) the run directory and lock it."""
+        if self.out is None:
+            self.out = claim_default_out()
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.out)
+        if holds_run(self.out):  # another trainer started a run there after check_new_out
+            raise ValueError(f"--out {self.out} already holds a run: continue it with --resume, or pass "
+                             "another --out")
+        self.cfg = replace(self.cfg, out=str(self.out))
+
+    def close(self):
+        """End the worker processes and release the run directory (called when run() ends)."""
+        if self.data_parallel is not None:
+            self.data_parallel.close()
+            self.data_parallel = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # --- checkpoints ------------------------------------------------------------------------------
     def state(self, optimizer_meta):
@@ -262,7 +547,7 @@ class Trainer:
             "config": asdict(self.cfg),
             "model_config": self.model.config.to_dict(),
             "step": self.step,
-            "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+            "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
             "last_eval_step": self.last_eval_step,
             "rng": rng.get_state(),
             "loaders": {name: loader.state_dict() for name, loader in self.loaders.items()},
@@ -271,6 +556,7 @@ class Trainer:
         }
 
     def save(self):
+        """Write the checkpoint; save_checkpoint refuses weights or moments that are not finite."""
         from tinyllm.checkpoint import save_checkpoint
         from tinyllm.optim import optimizer_state_to_flat
         arrays, optimizer_meta = optimizer_state_to_flat(self.optimizer.state_dict())   # (ZeRO: gathered)
@@ -280,28 +566,74 @@ class Trainer:
         save_checkpoint(self.ckpt_dir, model_state=self.model.state_dict(), optimizer_flat=arrays,
                         state=self.state(optimizer_meta))
 
-    def load(self):
-        from tinyllm.checkpoint import load_checkpoint
-        from tinyllm.optim import optimizer_state_from_flat
-        if not self.ckpt_dir.exists():
+    def _read_checkpoint(self):
+        from tinyllm.checkpoint import load_run_checkpoint
+        if not self.ckpt_dir.exists() and not (self.out / ".ckpt.old").exists():
             raise ValueError(f"--resume: no checkpoint in {self.ckpt_dir}; start without --resume")
-        model_state, optimizer_arrays, state = load_checkpoint(self.ckpt_dir)
-        saved_model = state["model_config"]
-        if saved_model != self.model.config.to_dict():
-            diff = {k: (v, self.model.config.to_dict().get(k)) for k, v in saved_model.items()
-                    if self.model.config.to_dict().get(k) != v}
-            raise ValueError(f"--resume: the checkpoint's model differs from the options (saved, now): {diff}")
+        return load_run_checkpoint(self.ckpt_dir)
+
+    def _unusable(self, what):
+        from tinyllm.checkpoint import CheckpointError, checkpoint_directory
+        return CheckpointError(f"checkpoint {checkpoint_directory(self.ckpt_dir)} is unusable: {what}")
+
+    def _check_model_config(self, saved):
+        """The model that the options and the dataset make must be the checkpoint's."""
+        now = model_config(self.cfg, self.meta["vocab_size"]).to_dict()
+        diff = {k: (v, now.get(k)) for k, v in saved.to_dict().items() if now.get(k) != v}
+        if diff:
+            raise ValueError(f"--resume: the checkpoint's model differs from the one its options and the "
+                             f"dataset {self.data_dir} make (saved, now): {diff}")
+
+    def load(self, checkpoint):
+        """Continue from a checkpoint read by load_run_checkpoint: weights, moments, generators, step."""
+        from tinyllm.optim import optimizer_state_from_flat
+        _, model_state, optimizer_arrays, state = checkpoint
         self.model.load_state_dict(model_state)
+        dtype = self.model.dtype
+        for name, array in optimizer_arrays.items():
+            if array.dtype != dtype:
+                raise self._unusable(f"optimizer.safetensors: the tensor {name!r} is {array.dtype}, expected {dtype}")
         xp = backend.xp_for(self.cfg.device)
         optimizer_arrays = {k: xp.asarray(v) for k, v in optimizer_arrays.items()}
-        self.optimizer.load_state_dict(optimizer_state_from_flat(optimizer_arrays, state["optimizer"]))
+        try:
+            self.optimizer.load_state_dict(optimizer_state_from_flat(optimizer_arrays, state["optimizer"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise self._unusable(f"optimizer.safetensors and state.json's \"optimizer\" do not fit the "
+                                 f"model: {e}") from None
+        if set(state["loaders"]) != set(self.loaders):
+            raise self._unusable(f"state.json: \"loaders\" has {sorted(state['loaders'])}, expected "
+                                 f"{sorted(self.loaders)}")
         for name, loader in self.loaders.items():
-            loader.load_state_dict(state["loaders"][name])
+            saved = state["loaders"][name]
+            if (saved["split"], saved["batch_size"], saved["block_size"]) != \
+                    (loader.split, loader.batch_size, loader.block_size):
+                raise self._unusable(f"state.json: the loader {name!r} is for {saved['split']} batches of "
+                                     f"{saved['batch_size']} x {saved['block_size']}, the run's are "
+                                     f"{loader.split} batches of {loader.batch_size} x {loader.block_size}")
+            loader.load_state_dict(saved)
         rng.set_state(state["rng"])
         self.step = state["step"]
         self.best_val = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
         self.last_eval_step = state["last_eval_step"]
+        if self.writes:
+            self._drop_metrics_after(self.step)
         self.log(f"resumed from {self.ckpt_dir} at step {self.step}")
+
+    def _drop_metrics_after(self, step):
+        """Keep the metrics of the steps up to the checkpoint's: after a resume every step is logged once."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+        with atomic_open(path, "w") as f:
+            f.write("".join(kept))
 
     # --- evaluation ---------------------------------------------------------------------------------
     @no_grad()
@@ -384,12 +716,10 @@ class Trainer:
             cut = (f"{self.comm.size} processes ({self.comm.name.upper()}), the batch cut over them"
                    + (", AdamW's state too (ZeRO-1)" if cfg.zero else ""))
         where = f"{cfg.device}, {cut}" if backend.check_device(cfg.device) == "cpu" else cfg.device
+        self.log(f"run directory: {self.out}")
         self.log(f"model: {self.model.num_parameters():,} parameters on {where}; data: {self.data_dir} "
                  f"(vocab {self.meta['vocab_size']}); {cfg.max_iters} steps of {tokens_per_step} tokens")
-        previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
-        # under mpiexec a Ctrl-C reaches the processes as SIGTERM (Open MPI's mpiexec sends it, then
-        # SIGKILL a few seconds later): it saves as Ctrl-C does
-        previous_term = signal.signal(signal.SIGTERM, self._on_interrupt) if self.comm is not None else None
+        previous_handlers = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
         try:
             while True:
                 if (self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters) and self.step != self.last_eval_step:
@@ -398,19 +728,20 @@ class Trainer:
                     self.save()
                 if self.step >= cfg.max_iters:
                     break
-                if self.comm is not None:     # every process stops at the same step (a Ctrl-C reaches each)
-                    self.stop_requested = self.comm.any(self.stop_requested)
-                if self.stop_requested:
+                if self.comm is not None and self.comm.any(self.stop_signal is not None) \
+                        and self.stop_signal is None:  # every process stops at the same step
+                    self.stop_signal = signal.SIGINT   # (a Ctrl-C reaches each; a SIGTERM maybe one)
+                if self.stop_signal is not None:
                     self.save()
-                    self.log(f"interrupted: checkpoint saved at step {self.step} in {self.ckpt_dir}; "
-                             "continue with --resume")
-                    return 130
+                    self.log(f"interrupted: checkpoint saved at step {self.step} in {self.ckpt_dir}; continue "
+                             f"with: tinyllm train --out {self.out} --resume")
+                    return 128 + self.stop_signal
                 loss, lr, grad_norm, finite = self.train_step()
                 self.step += 1
                 window_steps += 1
                 if not finite:
-                    self._log_json(metrics, {"step": self.step, "skipped": True, "loss": _json_float(loss),
-                                             "grad_norm": _json_float(grad_norm)})
+                    self._log_json(metrics, {"step": self.step, "skipped": True, "loss": loss,
+                                             "grad_norm": grad_norm})
                     self.log(f"step {self.step}: non-finite loss {loss} or gradient norm {grad_norm}; "
                              "step skipped, weights and optimizer state untouched")
                     if self.bad_steps >= MAX_BAD_STEPS:
@@ -428,19 +759,21 @@ class Trainer:
                     self._log_json(metrics, record)
                     self._progress(record, start_step)
         finally:
-            signal.signal(signal.SIGINT, previous_handler)
-            if previous_term is not None:
-                signal.signal(signal.SIGTERM, previous_term)
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
             metrics.close()
-            if self.data_parallel is not None:
-                self.data_parallel.close()             # the worker processes end with the run
+            self.close()                               # the worker processes end with the run
+        self.log(f"run directory: {self.out} (checkpoint in {self.ckpt_dir}, metrics in "
+                 f"{self.out / 'metrics.jsonl'})")
         return 0
 
-    def _on_interrupt(self, signum, frame):
-        if self.stop_requested:  # a second Ctrl-C: stop at once
+    def _on_stop_signal(self, signum, frame):
+        if self.stop_signal is not None:  # a second Ctrl-C (or SIGTERM): stop at once
             raise KeyboardInterrupt
-        self.stop_requested = True
-        self.log("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+        self.stop_signal = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = "Ctrl-C again" if signum == signal.SIGINT else "signal again"
+        self.log(f"\n{name}: finishing this step, then saving a checkpoint ({again} to abort)")
 
     def _evaluate_and_log(self, metrics):
         losses = self.evaluate()
@@ -454,7 +787,9 @@ class Trainer:
         return None if not self.peak_flops else self.flops_per_token * tokens_per_s / self.peak_flops
 
     def _log_json(self, file, record):
-        file.write(json.dumps(record) + "\n")
+        """One JSON line; a number that is not finite (NaN, inf) is written as null, as JSON has none."""
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        file.write(json.dumps(record, allow_nan=False) + "\n")
         file.flush()
 
     def _progress(self, r, start_step):
@@ -466,12 +801,17 @@ class Trainer:
                  f"grad norm {r['grad_norm']:.3f}, {r['tokens_per_s']:,.0f} tok/s{mfu}, ETA {_duration(eta)}")
 
     def sample(self, max_new_tokens):
+        """A sample from the trained model, with `tinyllm sample`'s default settings."""
+        from tinyllm.sample import generate_text
         from tinyllm.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(self.out / "tokenizer.txt")
-        start = numpy.array([[tokenizer.encode("\n")[0]]], dtype=numpy.int64)
-        ids = self.model.generate(backend.to_device(start, self.cfg.device), max_new_tokens,
-                                  temperature=0.8, top_k=50, seed=self.cfg.seed)
-        return tokenizer.decode(backend.to_numpy(ids)[0].tolist())
+        settings = {**SAMPLE_DEFAULTS, "max_new_tokens": max_new_tokens}
+        return generate_text(self.model.eval(), tokenizer, device=self.cfg.device, **settings)[0]
+
+
+# Both save a checkpoint, then stop. SIGTERM is what a job scheduler or `kill` sends, and what Open
+# MPI's mpiexec hands the processes of a job on Ctrl-C (then SIGKILL a few seconds later).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _silent(*args, **kwargs):
@@ -491,10 +831,6 @@ class _NoFile:
         pass
 
 
-def _json_float(x):
-    return x if math.isfinite(x) else str(x)
-
-
 def _duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
@@ -504,7 +840,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     comm = None
     try:
-        cfg = parse_config(argv)
+        cfg, notes = parse_options(argv)
         from tinyllm import parallel
         if not parallel.under_mpiexec():
             if cfg.nproc > 1:                 # this process starts the others through mpiexec, then waits
@@ -534,17 +870,24 @@ def main(argv=None):
         elif cfg.parallel == "batch":
             raise ValueError("--parallel batch cuts the batch over CPU processes; on a GPU leave it at auto")
         trainer = Trainer(cfg, comm=comm)
+        for note in notes if trainer.writes else ():  # once nothing stands in the way of training
+            print(f"tinyllm train: warning: {note}", file=sys.stderr)
         code = trainer.run()
         if code == 0 and cfg.sample_tokens > 0 and trainer.writes:
-            print(f"\nbest val loss {trainer.best_val:.4f}; a sample ({cfg.sample_tokens} tokens):\n")
+            print(f"\nbest val loss {trainer.best_val:.4f}; a sample ({cfg.sample_tokens} tokens, as "
+                  f"tinyllm sample --ckpt {trainer.out} makes them):\n")
             print(trainer.sample(cfg.sample_tokens))
+        if code == 0 and trainer.writes:
+            print(f"\nnext: tinyllm sample --ckpt {trainer.out}; tinyllm plot {trainer.out}; "
+                  f"tinyllm train --out {trainer.out} --resume --max-iters {cfg.max_iters * 2}")
         return code
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+    except (ValueError, OSError, FloatingPointError, RuntimeError, MemoryError) as e:
+        reason = f"out of memory ({e})" if isinstance(e, MemoryError) else e
         if comm is not None:                  # the other processes would wait for this one forever
-            comm.abort(f"tinyllm train: error: {e}", code=2)
+            comm.abort(f"tinyllm train: error: {reason}", code=2)
         if os.environ.get("TINYLLM_DEBUG"):
             raise
-        print(f"tinyllm train: error: {e}", file=sys.stderr)
+        print(f"tinyllm train: error: {reason}", file=sys.stderr)
         return 2
     except BaseException as e:                # an unexpected error, a second Ctrl-C: the job ends too
         if comm is not None:
