@@ -298,6 +298,8 @@ def resume_config(given):
         raise ValueError("--resume needs --out RUN_DIR: the run directory to continue")
     out = Path(given["out"])
     ckpt = out / "ckpt"
+    if out.is_dir():
+        RunLock(out).release()  # a trainer still running there is the first thing to say
     if not checkpoint_directory(ckpt).is_dir():
         raise ValueError(f"--resume: no checkpoint in {ckpt}; start without --resume")
     state = read_state(ckpt, ("config",))
