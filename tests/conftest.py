@@ -128,3 +128,14 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared corpora not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small prepared char-level dataset (Python-like lines), for the trainer's tests."""
+    from tinyllm.data import prepare_dataset
+    root = tmp_path_factory.mktemp("data")
+    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(300))
+    (root / "corpus.txt").write_text(text, encoding="utf-8")
+    prepare_dataset("text", root / "prepared", input_path=root / "corpus.txt", log=lambda *a: None)
+    return root / "prepared"

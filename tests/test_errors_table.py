@@ -13,7 +13,6 @@ import pytest
 
 import tinyllm as tl
 from tinyllm.cli import main as cli_main
-from tinyllm.data import prepare_dataset
 from tinyllm.safetensors_io import load_file, save_file
 from tinyllm.tokenizer import BPETokenizer
 
@@ -46,14 +45,11 @@ def test_the_table_is_read():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A prepared dataset and a 3-step run on it, to copy for each row."""
+def trained(tmp_path_factory, data_dir):
+    """A 3-step run on the small dataset (conftest.py), to copy for each row."""
     root = tmp_path_factory.mktemp("errors")
-    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(300))
-    (root / "corpus.txt").write_text(text, encoding="utf-8")
-    prepare_dataset("text", root / "data", input_path=root / "corpus.txt", log=lambda *a: None)
     with contextlib.redirect_stdout(io.StringIO()):
-        assert cli_main(["train", "--data", str(root / "data"), "--out", str(root / "run"), *TINY]) == 0
+        assert cli_main(["train", "--data", str(data_dir), "--out", str(root / "run"), *TINY]) == 0
     return root
 
 
@@ -103,11 +99,11 @@ def snapshot(root):
 
 
 @pytest.mark.parametrize("what, spec, command, expected", ROWS, ids=[row[0] for row in ROWS])
-def test_bad_input_gets_its_line(what, spec, command, expected, trained, tmp_path, monkeypatch, capsys):
+def test_bad_input_gets_its_line(what, spec, command, expected, trained, data_dir, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained / "run", run)
     damage(run, spec)
-    paths = {"RUN": str(run), "DATA": str(trained / "data")}
+    paths = {"RUN": str(run), "DATA": str(data_dir)}
     expected = re.sub(r"\b(RUN|DATA)\b", lambda m: paths[m.group()], expected)
     if command.startswith("python: "):
         with pytest.raises(Exception) as info:

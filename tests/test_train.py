@@ -12,21 +12,11 @@ import numpy as np
 import pytest
 
 from tinyllm.cli import main as cli_main
-from tinyllm.data import prepare_dataset
 from tinyllm.safetensors_io import load_file
 from tinyllm.train import Trainer, parse_config
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "2",
         "--eval-iters", "2", "--log-interval", "1", "--sample-tokens", "0", "--warmup-iters", "2"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(300))
-    (root / "corpus.txt").write_text(text, encoding="utf-8")
-    prepare_dataset("text", root / "prepared", input_path=root / "corpus.txt", log=lambda *a: None)
-    return root / "prepared"
 
 
 def run(args, data_dir, out):

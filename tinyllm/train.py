@@ -24,8 +24,6 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import numpy
-
 from tinyllm import backend, rng, threads
 from tinyllm.autograd import no_grad
 from tinyllm.data_parallel import DataParallel
