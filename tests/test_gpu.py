@@ -115,7 +115,8 @@ def test_training_checkpoint_and_resume_on_gpu(tmp_path):
     where the straight run ends (no dropout: the GPU's dropout is not yet resumable, issue 23)."""
     from tinyllm.safetensors_io import load_file
     assert _train(tmp_path, "straight", "--max-iters", "4", "--eval-interval", "2") == 0
-    assert _train(tmp_path, "resumed", "--max-iters", "2", "--eval-interval", "2") == 0
+    # the first part's schedule is the straight run's (a resume keeps the saved --lr-decay-iters)
+    assert _train(tmp_path, "resumed", "--max-iters", "2", "--lr-decay-iters", "4", "--eval-interval", "2") == 0
     assert _train(tmp_path, "resumed", "--max-iters", "4", "--eval-interval", "2", "--resume") == 0
     losses = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in losses if "loss" in r)

@@ -281,10 +281,14 @@ def _generator_state_problem(state):
 
 
 def _rng_problem(value):
-    if not isinstance(value, dict) or set(value) != {"seed", "host"}:
-        return "must be an object with the keys seed and host"
+    """tinyllm.rng.get_state(): seed, host generator and (since the counter-based masks) counter."""
+    if not isinstance(value, dict) or not {"seed", "host"} <= set(value) <= {"seed", "host", "counter"}:
+        return "must be an object with the keys seed, host and counter"
     if not _is_int(value["seed"], 0):
         return f"seed must be a whole number >= 0, got {value['seed']!r}"
+    counter = value.get("counter", [0, 0])
+    if not (isinstance(counter, list) and len(counter) == 2 and all(_is_int(c, 0) for c in counter)):
+        return f"counter must be two whole numbers >= 0, got {counter!r}"
     problem = _generator_state_problem(value["host"])
     return None if problem is None else "host " + problem
 

@@ -24,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import numpy
+
 from tinyllm import backend, rng, threads
 from tinyllm.autograd import no_grad
 from tinyllm.data_parallel import DataParallel
@@ -296,9 +298,9 @@ def resume_config(given):
         raise ValueError("--resume needs --out RUN_DIR: the run directory to continue")
     out = Path(given["out"])
     ckpt = out / "ckpt"
-    if out.is_dir():
-        RunLock(out).release()  # a trainer still running there is the first thing to say
     if not checkpoint_directory(ckpt).is_dir():
+        if out.is_dir():
+            RunLock(out).release()  # a trainer that has not saved yet: that is what to say
         raise ValueError(f"--resume: no checkpoint in {ckpt}; start without --resume")
     state = read_state(ckpt, ("config",))
     saved = state["config"]
@@ -475,8 +477,10 @@ class Trainer:
             if self.writes:
                 self.lock = RunLock(self.out)
             checkpoint = self._read_checkpoint()
-        else:  # a new run: checked now, created (by rank 0) once everything else is ready
-            self.out = None if cfg.out is None or not self.writes else check_new_out(cfg.out)
+        elif self.writes:  # a new run: checked now, created once everything else is ready
+            self.out = None if cfg.out is None else check_new_out(cfg.out)
+        else:  # another process than rank 0: it writes nothing, the name is for its (silent) log
+            self.out = Path(cfg.out or DEFAULT_OUT)
         if comm is not None and not self.writes:
             comm.barrier()                                 # rank 0 prepares the default dataset first
         data_dir = ensure_data(cfg, log)
@@ -840,8 +844,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     comm = None
     try:
-        cfg, notes = parse_options(argv)
         from tinyllm import parallel
+        if parallel.under_mpiexec():  # rank 0 may still be writing the checkpoint a --resume reads next
+            from tinyllm.parallel.mpi import _mpi
+            _mpi().COMM_WORLD.Barrier()
+        cfg, notes = parse_options(argv)
         if not parallel.under_mpiexec():
             if cfg.nproc > 1:                 # this process starts the others through mpiexec, then waits
                 from tinyllm.parallel.launch import launch
