@@ -45,16 +45,6 @@ PLAIN = ["--max-iters", "4", "--eval-interval", "2"]      # the worker's "plain"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from tinyllm.data import prepare_dataset
-    root = tmp_path_factory.mktemp("data")
-    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(300))
-    (root / "corpus.txt").write_text(text, encoding="utf-8")
-    prepare_dataset("text", root / "prepared", input_path=root / "corpus.txt", log=lambda *a: None)
-    return root / "prepared"
-
-
-@pytest.fixture(scope="module")
 def one_process(data_dir, tmp_path_factory):
     """The worker's "plain" run in one process: its metrics."""
     from tinyllm.cli import main as cli_main
